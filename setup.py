@@ -1,0 +1,40 @@
+"""Installs musiclm-jax: MusicLM on JAX/Flax, T5X style (gin, SeqIO, orbax, mesh sharding)."""
+import setuptools
+
+# Pinned to the versions tested together on Python 3.11 (see ../shared/DESIGN.md for why
+# sentencepiece stays at 0.2.1 and protobuf below 7).
+INSTALL_REQUIRES = [
+    'jax[cpu]==0.10.2',
+    'jaxlib==0.10.2',
+    'flax==0.12.8',
+    'optax==0.2.8',
+    'orbax-checkpoint==0.12.8',
+    'gin-config==0.5.0',
+    'seqio==0.0.20',
+    'tensorflow==2.21.0',
+    'tensorflow-datasets==4.9.10',
+    'tensorboard==2.21.0',
+    'librosa==0.11.0',
+    'soundfile==0.14.0',
+    'numpy==2.4.6',
+    'tqdm==4.70.1',
+    'protobuf==6.33.6',
+    'sentencepiece==0.2.1',
+]
+
+setuptools.setup(
+    name='musiclm-jax',
+    version='0.1.0',
+    description='MusicLM (text-to-music) in JAX/Flax with T5X-style gin trainers on device meshes.',
+    long_description=open('README.md', encoding='utf-8').read(),
+    long_description_content_type='text/markdown',
+    python_requires='>=3.11',
+    packages=setuptools.find_packages(include=['musiclm_jax', 'musiclm_jax.*', 'tasks', 'tasks.*']),
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        'test': ['pytest==9.2.0', 'pytest-xdist==3.8.0'],
+        'beam': ['apache-beam==2.77.0'],
+    },
+    entry_points={'console_scripts': ['musiclm-jax=musiclm_jax.main:console_entry']},
+    license='Apache-2.0',
+)
