@@ -1,0 +1,478 @@
+"""Multi-head attention with T5 relative position biases, masks and a KV cache."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional, Tuple, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+Array = jax.Array
+Dtype = Any
+Initializer = Callable[..., Array]
+
+
+# ---------------------------------------------------------------------------
+# Masks
+# ---------------------------------------------------------------------------
+
+
+def make_attention_mask(
+    query_input: Array,
+    key_input: Array,
+    pairwise_fn: Callable[[Array, Array], Array] = jnp.multiply,
+    dtype: Dtype = jnp.bool_,
+) -> Array:
+  """Builds a pairwise attention mask from per-position query and key values.
+
+  Args:
+    query_input: [batch, q_len] values attached to each query position (for
+      example a 0/1 "is real token" flag, or segment ids).
+    key_input: [batch, k_len] values attached to each key position.
+    pairwise_fn: combines a query value and a key value into a truthy mask
+      entry; `jnp.multiply` gives "both are valid", `jnp.equal` gives "same
+      segment", `jnp.greater_equal` on positions gives causality.
+    dtype: dtype of the returned mask.
+
+  Returns:
+    [batch, 1, q_len, k_len] mask (the singleton axis broadcasts over heads).
+  """
+  mask = pairwise_fn(query_input[..., :, None], key_input[..., None, :])
+  return mask[..., None, :, :].astype(dtype)
+
+
+def make_causal_mask(x: Union[Array, int], dtype: Dtype = jnp.bool_) -> Array:
+  """Builds a causal (lower-triangular) mask.
+
+  Args:
+    x: either an int sequence length, or a [batch, length] token array whose
+      last axis gives the length (and leading axes give the batch shape).
+    dtype: dtype of the returned mask.
+
+  Returns:
+    [1, 1, length, length] mask when `x` is an int, else
+    [batch, 1, length, length]; entry (i, j) is true iff key j <= query i.
+  """
+  if isinstance(x, (int, np.integer)):
+    idxs = jnp.arange(int(x), dtype=jnp.int32)[None, :]
+  else:
+    idxs = jnp.broadcast_to(
+        jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape)
+  return make_attention_mask(idxs, idxs, jnp.greater_equal, dtype=dtype)
+
+
+def make_padding_mask(query_tokens: Array, key_tokens: Optional[Array] = None,
+                      dtype: Dtype = jnp.bool_) -> Array:
+  """Masks out attention to padding keys (token id 0 is padding).
+
+  Only keys are masked: a padding query still attends to the real keys so its
+  (ignored) output stays finite and identical between full and cached
+  decoding.
+
+  Args:
+    query_tokens: [batch, q_len] int ids (only the shape is used).
+    key_tokens: [batch, k_len] int token ids or segment ids, 0 marking
+      padding; defaults to `query_tokens`.
+    dtype: dtype of the returned mask.
+
+  Returns:
+    [batch, 1, q_len, k_len] mask, true where the key is a real token.
+  """
+  if key_tokens is None:
+    key_tokens = query_tokens
+  q_ones = jnp.ones(query_tokens.shape, jnp.bool_)
+  return make_attention_mask(q_ones, key_tokens != 0, jnp.logical_and, dtype)
+
+
+def make_segment_mask(query_segment_ids: Array,
+                      key_segment_ids: Optional[Array] = None,
+                      dtype: Dtype = jnp.bool_) -> Array:
+  """Restricts attention to positions of the same packed segment.
+
+  Args:
+    query_segment_ids: [batch, q_len] int segment ids (packing).
+    key_segment_ids: [batch, k_len]; defaults to `query_segment_ids`.
+    dtype: dtype of the returned mask.
+
+  Returns:
+    [batch, 1, q_len, k_len] mask, true where both segment ids are equal.
+  """
+  if key_segment_ids is None:
+    key_segment_ids = query_segment_ids
+  return make_attention_mask(query_segment_ids, key_segment_ids, jnp.equal,
+                             dtype)
+
+
+def combine_masks(*masks: Optional[Array], dtype: Dtype = jnp.bool_
+                  ) -> Optional[Array]:
+  """Logical-ANDs masks of equal rank; `None` entries are ignored.
+
+  Args:
+    *masks: masks (bool or 0/1) of the same rank, broadcastable to each other.
+    dtype: dtype of the returned mask.
+
+  Returns:
+    The combined mask, or None when every input is None.
+  """
+  masks = [m for m in masks if m is not None]
+  if not masks:
+    return None
+  if len({m.ndim for m in masks}) != 1:
+    raise ValueError(
+        f'masks must have the same rank, got {[m.ndim for m in masks]}')
+  mask = masks[0].astype(jnp.bool_)
+  for other in masks[1:]:
+    mask = jnp.logical_and(mask, other.astype(jnp.bool_))
+  return mask.astype(dtype)
+
+
+# ---------------------------------------------------------------------------
+# Relative position biases
+# ---------------------------------------------------------------------------
+
+
+def _distance_bucket_table(num_buckets: int, max_distance: int) -> np.ndarray:
+  """Buckets of non-negative distances 0..max_distance (T5X numpy formula).
+
+  Evaluated once in numpy exactly as T5X does, so that traced callers (the
+  decode path, whose query position is dynamic) and static callers index the
+  same table and can never disagree because of a last-ulp difference between
+  numpy's and XLA's `log` at a bucket boundary.
+  """
+  n = np.arange(max_distance + 1, dtype=np.int32)
+  max_exact = num_buckets // 2
+  is_small = n < max_exact
+  # The eps keeps log() finite at n == 0 (that branch is discarded anyway).
+  val_if_large = max_exact + (
+      np.log(n.astype(np.float32) / max_exact + np.finfo(np.float32).eps) /
+      np.log(max_distance / max_exact) *
+      (num_buckets - max_exact)).astype(np.int32)
+  val_if_large = np.minimum(val_if_large, num_buckets - 1)
+  return np.where(is_small, n, val_if_large).astype(np.int32)
+
+
+def relative_position_bucket(relative_position: Array,
+                             bidirectional: bool = True,
+                             num_buckets: int = 32,
+                             max_distance: int = 128) -> Array:
+  """Maps relative positions to T5 bucket ids (Mesh TF / T5X formula).
+
+  Small distances each get their own bucket; larger ones share log-spaced
+  buckets up to `max_distance`, beyond which everything falls into the last
+  bucket. In the bidirectional case half of the buckets are used for keys
+  after the query. In the causal case keys after the query (positive relative
+  positions) all map to bucket 0, they are masked anyway.
+
+  Args:
+    relative_position: int array (may be traced) of
+      `memory_position - query_position`.
+    bidirectional: whether keys after the query get their own buckets.
+    num_buckets: total number of buckets.
+    max_distance: distance from which all positions share the last bucket.
+
+  Returns:
+    int32 array of the same shape with values in [0, num_buckets).
+  """
+  n = -jnp.asarray(relative_position).astype(jnp.int32)
+  ret = jnp.zeros(n.shape, jnp.int32)
+  if bidirectional:
+    num_buckets //= 2
+    ret += (n < 0).astype(jnp.int32) * num_buckets
+    n = jnp.abs(n)
+  else:
+    n = jnp.maximum(n, 0)
+  if max_distance < num_buckets // 2:
+    raise ValueError(f'max_distance ({max_distance}) must be at least the '
+                     f'number of exact buckets ({num_buckets // 2}).')
+  # n is now a non-negative distance; every distance >= max_distance falls
+  # in the last bucket, so the table can be indexed with a clipped distance.
+  table = jnp.asarray(_distance_bucket_table(num_buckets, max_distance))
+  return ret + table[jnp.minimum(n, max_distance)]
+
+
+class RelativePositionBiases(nn.Module):
+  """T5 learned relative position biases, one scalar per (head, bucket).
+
+  Attributes:
+    num_heads: number of attention heads.
+    num_buckets: number of relative position buckets.
+    max_distance: distance from which all positions share the last bucket.
+    bidirectional: default for `__call__`'s `bidirectional` argument.
+    dtype: dtype of the returned bias.
+    param_dtype: dtype of the embedding table.
+    embedding_init: initializer of the [heads, buckets] table.
+  """
+  num_heads: int
+  num_buckets: int = 32
+  max_distance: int = 128
+  bidirectional: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  embedding_init: Initializer = nn.initializers.variance_scaling(
+      1.0, 'fan_avg', 'uniform')
+
+  @nn.compact
+  def __call__(self, qlen: int, klen: int,
+               bidirectional: Optional[bool] = None,
+               decode_position: Optional[Array] = None) -> Array:
+    """Computes the additive attention bias.
+
+    Args:
+      qlen: number of query positions (static). Ignored in decode mode, where
+        there is exactly one query.
+      klen: number of key positions (static); in decode mode the cache length.
+      bidirectional: overrides the module default when not None.
+      decode_position: optional scalar int (may be traced), the position of
+        the single query in decode mode. Only the bucket row of that query is
+        computed, so a decode step costs O(klen), not O(klen^2).
+
+    Returns:
+      [1, heads, qlen, klen] bias ([1, heads, 1, klen] in decode mode).
+    """
+    if bidirectional is None:
+      bidirectional = self.bidirectional
+    memory_position = jnp.arange(klen, dtype=jnp.int32)[None, :]
+    if decode_position is None:
+      context_position = jnp.arange(qlen, dtype=jnp.int32)[:, None]
+    else:
+      context_position = jnp.reshape(
+          jnp.asarray(decode_position, jnp.int32), (1, 1))
+    relative_position = memory_position - context_position  # [q, k]
+    rp_bucket = relative_position_bucket(
+        relative_position,
+        bidirectional=bidirectional,
+        num_buckets=self.num_buckets,
+        max_distance=self.max_distance)
+    rel_embedding = self.param(
+        'rel_embedding',
+        nn.with_logical_partitioning(self.embedding_init,
+                                     ('heads', 'relpos_buckets')),
+        (self.num_heads, self.num_buckets), self.param_dtype)
+    # A gather of a tiny table; [heads, q, k].
+    values = jnp.take(rel_embedding, rp_bucket, axis=1)
+    return values[None].astype(self.dtype)
+
+
+# ---------------------------------------------------------------------------
+# Projections
+# ---------------------------------------------------------------------------
+
+
+class DenseGeneral(nn.Module):
+  """Bias-free projection whose kernel keeps its multi-dimensional shape.
+
+  flax's `nn.DenseGeneral` initialises a flattened 2-D kernel and reshapes
+  it, so a logically partitioned initializer would get a rank-2 value for
+  rank-3 axis names and fail under a mesh; here the kernel is created at its
+  true shape with fan-in/fan-out axes given to the initializer.
+
+  Attributes:
+    features: output feature shape, e.g. (heads, head_dim).
+    axis: input axes contracted with the kernel, e.g. -1 or (-2, -1).
+    kernel_axes: logical axis names of the kernel (input axes then features).
+    init_scale: variance scale of the fan-in truncated-normal init.
+    dtype: compute dtype.
+    param_dtype: kernel dtype.
+  """
+  features: Union[int, Tuple[int, ...]]
+  kernel_axes: Tuple[str, ...]
+  axis: Union[int, Tuple[int, ...]] = -1
+  init_scale: float = 1.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, inputs: Array) -> Array:
+    """Contracts `axis` of `inputs` with the kernel; features go last."""
+    features = ((self.features,) if isinstance(self.features, int) else
+                tuple(self.features))
+    axis = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
+    axis = tuple(a % inputs.ndim for a in axis)
+    n_in = len(axis)
+    kernel_shape = tuple(inputs.shape[a] for a in axis) + features
+    if len(self.kernel_axes) != len(kernel_shape):
+      raise ValueError(f'kernel_axes {self.kernel_axes} do not match kernel '
+                       f'shape {kernel_shape}')
+    init = nn.initializers.variance_scaling(
+        self.init_scale, 'fan_in', 'truncated_normal',
+        in_axis=tuple(range(n_in)),
+        out_axis=tuple(range(n_in, len(kernel_shape))))
+    kernel = self.param('kernel',
+                        nn.with_logical_partitioning(init, self.kernel_axes),
+                        kernel_shape, self.param_dtype)
+    contract = (axis, tuple(range(n_in)))
+    return lax.dot_general(inputs.astype(self.dtype),
+                           kernel.astype(self.dtype), (contract, ((), ())))
+
+
+# ---------------------------------------------------------------------------
+# Multi-head attention
+# ---------------------------------------------------------------------------
+
+
+def dot_product_attention(query: Array,
+                          key: Array,
+                          value: Array,
+                          mask: Optional[Array] = None,
+                          bias: Optional[Array] = None,
+                          dropout_rng: Optional[Array] = None,
+                          dropout_rate: float = 0.0,
+                          deterministic: bool = True,
+                          dtype: Dtype = jnp.float32) -> Array:
+  """Scaled dot-product attention with a float32 softmax.
+
+  Args:
+    query: [batch, q_len, heads, head_dim].
+    key: [batch, k_len, heads, head_dim].
+    value: [batch, k_len, heads, head_dim].
+    mask: optional boolean / 0-1 mask broadcastable to
+      [batch, heads, q_len, k_len]; false entries are excluded.
+    bias: optional additive bias broadcastable to [batch, heads, q_len, k_len].
+    dropout_rng: rng for attention-weight dropout.
+    dropout_rate: attention-weight dropout probability.
+    deterministic: disables dropout when true.
+    dtype: dtype of the value aggregation and of the result.
+
+  Returns:
+    [batch, q_len, heads, head_dim] attended values.
+  """
+  depth = query.shape[-1]
+  # A Python float scale is weakly typed, so bf16 queries stay bf16.
+  query = query * (depth ** -0.5)
+  logits = jnp.einsum('bqhd,bkhd->bhqk', query, key,
+                      preferred_element_type=jnp.float32)
+  logits = logits.astype(jnp.float32)
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
+  if mask is not None:
+    # A finite minimum (not -inf) keeps fully masked rows NaN-free: they
+    # become a uniform average, and such rows are padding that is ignored.
+    logits = jnp.where(mask.astype(jnp.bool_), logits,
+                       jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1)
+  if not deterministic and dropout_rate > 0.0:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+    weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+  weights = weights.astype(dtype)
+  return jnp.einsum('bhqk,bkhd->bqhd', weights, value.astype(dtype))
+
+
+class MultiHeadAttention(nn.Module):
+  """T5-style multi-head attention (no biases) with an optional KV cache.
+
+  Attributes:
+    num_heads: number of attention heads.
+    head_dim: per-head query/key/value dimension.
+    dropout_rate: attention-weight dropout probability ('dropout' rng).
+    dtype: compute dtype.
+    param_dtype: parameter dtype.
+    init_scale: variance scale of the fan-in init of the projection kernels.
+  """
+  num_heads: int
+  head_dim: int
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  init_scale: float = 1.0
+
+  @nn.compact
+  def __call__(self,
+               inputs_q: Array,
+               inputs_kv: Array,
+               mask: Optional[Array] = None,
+               bias: Optional[Array] = None,
+               *,
+               deterministic: bool = True,
+               decode: bool = False) -> Array:
+    """Attends from `inputs_q` to `inputs_kv`.
+
+    Args:
+      inputs_q: [batch, q_len, embed] queries.
+      inputs_kv: [batch, k_len, embed] keys/values source.
+      mask: optional boolean or 0/1 mask broadcastable to
+        [batch, heads, q_len, k_len]. In decode mode k_len is the cache
+        length.
+      bias: optional additive bias broadcastable to
+        [batch, heads, q_len, k_len] (e.g. relative position biases).
+      deterministic: disables dropout when true.
+      decode: use the autoregressive KV cache ('cache' collection). When the
+        cache does not exist yet (e.g. under `init(..., decode=True)` with a
+        full-length input) it is created with shape
+        [batch, length, heads, head_dim] and a normal full attention is run.
+        Once it exists, inputs must be [batch, 1, embed]; the new key/value
+        are written at `cache_index`, only positions <= `cache_index` are
+        attended to, and `cache_index` is incremented.
+
+    Returns:
+      [batch, q_len, embed] output.
+    """
+    projection = functools.partial(
+        DenseGeneral,
+        features=(self.num_heads, self.head_dim),
+        axis=-1,
+        kernel_axes=('embed', 'heads', 'kv'),
+        init_scale=self.init_scale,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype)
+    query = projection(name='query')(inputs_q)
+    key = projection(name='key')(inputs_kv)
+    value = projection(name='value')(inputs_kv)
+    axes = ('batch', 'length', 'heads', 'kv')
+    query = nn.with_logical_constraint(query, axes)
+    key = nn.with_logical_constraint(key, axes)
+    value = nn.with_logical_constraint(value, axes)
+
+    if decode:
+      # Checked before the variables are declared: on the first (init) call
+      # they do not exist yet and a full-length pass sizes the cache.
+      is_initialized = self.has_variable('cache', 'cached_key')
+      cached_key = self.variable('cache', 'cached_key', jnp.zeros, key.shape,
+                                 key.dtype)
+      cached_value = self.variable('cache', 'cached_value', jnp.zeros,
+                                   value.shape, value.dtype)
+      cache_index = self.variable('cache', 'cache_index',
+                                  lambda: jnp.array(0, dtype=jnp.int32))
+      if is_initialized:
+        batch, max_length, num_heads, head_dim = cached_key.value.shape
+        expected = (batch, 1, num_heads, head_dim)
+        if query.shape != expected:
+          raise ValueError('Autoregressive cache shape error: expected query '
+                           f'shape {expected}, got {query.shape}.')
+        cur_index = cache_index.value
+        indices = (jnp.int32(0), cur_index, jnp.int32(0), jnp.int32(0))
+        key = lax.dynamic_update_slice(cached_key.value,
+                                       key.astype(cached_key.value.dtype),
+                                       indices)
+        value = lax.dynamic_update_slice(
+            cached_value.value, value.astype(cached_value.value.dtype),
+            indices)
+        cached_key.value = key
+        cached_value.value = value
+        cache_index.value = cur_index + 1
+        # Cache slots after the current position hold zeros (or stale data).
+        step_mask = (jnp.arange(max_length, dtype=jnp.int32) <= cur_index
+                     )[None, None, None, :]
+        mask = step_mask if mask is None else jnp.logical_and(
+            mask.astype(jnp.bool_), step_mask)
+
+    dropout_rng = None
+    if not deterministic and self.dropout_rate > 0.0:
+      dropout_rng = self.make_rng('dropout')
+    x = dot_product_attention(
+        query, key, value, mask=mask, bias=bias, dropout_rng=dropout_rng,
+        dropout_rate=self.dropout_rate, deterministic=deterministic,
+        dtype=self.dtype)
+    x = nn.with_logical_constraint(x, axes)
+    out = DenseGeneral(
+        features=inputs_q.shape[-1],
+        axis=(-2, -1),
+        kernel_axes=('heads', 'kv', 'embed'),
+        init_scale=self.init_scale,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name='out')(x)
+    return nn.with_logical_constraint(out, ('batch', 'length', 'embed'))
