@@ -1,0 +1,1 @@
+"""T5X-style core: partitioning, train state, trainer, checkpoints, optimizers, summaries."""

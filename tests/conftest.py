@@ -1,0 +1,16 @@
+"""Test set-up: 8 simulated CPU devices and a persistent compilation cache, before JAX starts."""
+import os
+
+_flags = os.environ.get('XLA_FLAGS', '')
+if '--xla_force_host_platform_device_count' not in _flags:
+  os.environ['XLA_FLAGS'] = (_flags + ' --xla_force_host_platform_device_count=8').strip()
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+os.environ.setdefault('MUSICLM_JAX_COMPILATION_CACHE',
+                      os.path.join(os.path.expanduser('~'), '.cache', 'musiclm_jax', 'xla'))
+
+import jax  # noqa: E402  pylint: disable=g-import-not-at-top
+
+from musiclm_jax.main import setup_compilation_cache  # noqa: E402
+
+setup_compilation_cache()
+assert jax.device_count() == 8, 'tests need 8 simulated devices: JAX started before conftest'
