@@ -1,0 +1,1 @@
+"""Datasets, SeqIO input pipelines and token caches."""

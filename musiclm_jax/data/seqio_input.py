@@ -1,0 +1,96 @@
+"""Per-host SeqIO input pipelines with a resumable position, batched as numpy for the trainer."""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Iterator, Mapping, Optional
+
+import gin
+import jax
+import numpy as np
+
+from musiclm_jax.train.summaries import quiet_tensorflow
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class DatasetConfig:
+  """Which SeqIO task or mixture to read and how to batch it.
+
+  Attributes:
+    mixture_or_task_name: a registered SeqIO task or mixture.
+    task_feature_lengths: e.g. {'targets': 64}.
+    split: dataset split.
+    batch_size: the GLOBAL batch size; each process reads batch_size / process_count.
+    shuffle: shuffle (training); evaluation reads in order.
+    seed: shuffle seed; with the same seed the stream is the same, which exact resume needs.
+    pack: pack several examples per row (seqio's packing) instead of padding each.
+    use_cached: read a SeqIO cache written offline (token caching).
+    module: a module to import first so the task is registered (e.g. 'tasks.toy').
+  """
+  mixture_or_task_name: str
+  task_feature_lengths: Mapping[str, int]
+  split: str = 'train'
+  batch_size: int = 8
+  shuffle: bool = True
+  seed: int = 0
+  pack: bool = False
+  use_cached: bool = False
+  module: Optional[str] = None
+
+
+def _feature_converter(config: DatasetConfig):
+  import seqio  # pylint: disable=g-import-not-at-top  # pulls TensorFlow
+  return seqio.LMFeatureConverter(pack=config.pack)
+
+
+def host_batch_size(config: DatasetConfig) -> int:
+  n = jax.process_count()
+  if config.batch_size % n:
+    raise ValueError(f'DatasetConfig.batch_size={config.batch_size} does not divide over '
+                     f'{n} processes')
+  return config.batch_size // n
+
+
+def get_host_dataset(config: DatasetConfig, num_epochs: Optional[int] = None,
+                     skip_batches: int = 0, drop_remainder: bool = True):
+  """This process's share of the data as a batched tf.data.Dataset.
+
+  Args:
+    config: what to read.
+    num_epochs: None repeats forever (training); 1 reads the split once (evaluation).
+    skip_batches: batches already consumed (restored from a checkpoint), skipped so a resumed run
+      sees exactly the batches an uninterrupted run would.
+    drop_remainder: drop a final partial batch.
+  """
+  tf = quiet_tensorflow()
+  import seqio  # pylint: disable=g-import-not-at-top
+  if config.module:
+    importlib.import_module(config.module)
+  shard_info = None
+  if jax.process_count() > 1:
+    shard_info = seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count())
+  ds = seqio.get_dataset(
+      config.mixture_or_task_name, dict(config.task_feature_lengths),
+      feature_converter=_feature_converter(config), dataset_split=config.split,
+      use_cached=config.use_cached, shuffle=config.shuffle, num_epochs=num_epochs,
+      shard_info=shard_info, verbose=False, seed=config.seed)
+  ds = ds.batch(host_batch_size(config), drop_remainder=drop_remainder)
+  if skip_batches:
+    ds = ds.skip(int(skip_batches))
+  return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def numpy_batches(ds) -> Iterator[dict[str, np.ndarray]]:
+  for batch in ds.as_numpy_iterator():
+    yield dict(batch)
+
+
+def global_batch_spec(config: DatasetConfig) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes and dtypes of the GLOBAL batch, from the pipeline's element spec."""
+  ds = get_host_dataset(config, num_epochs=1)
+  spec = {}
+  for name, s in ds.element_spec.items():
+    shape = (config.batch_size,) + tuple(s.shape[1:])
+    spec[name] = jax.ShapeDtypeStruct(shape, np.dtype(s.dtype.as_numpy_dtype))
+  return spec

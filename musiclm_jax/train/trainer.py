@@ -1,0 +1,356 @@
+"""The gin-configured training and evaluation loops that drive every model."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import gin
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from musiclm_jax.data.seqio_input import (DatasetConfig, get_host_dataset, global_batch_spec,
+                                          numpy_batches)
+from musiclm_jax.train.checkpoints import Checkpointer, abstract_with_shardings
+from musiclm_jax.train.models import BaseModel
+from musiclm_jax.train.partitioning import Partitioner
+from musiclm_jax.train.summaries import SummaryWriter
+from musiclm_jax.train.train_state import StepFunctions, TrainState
+
+# A step hook is called on the host after each step with (step, host metrics of that step).
+StepHook = Callable[[int, dict[str, float]], None]
+
+
+class NonFiniteTrainingError(RuntimeError):
+  """Too many consecutive steps had non-finite losses or gradients."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """What a finished (or interrupted) run returns."""
+  state: TrainState
+  step: int
+  losses: dict[int, float]            # step -> training loss of that step (this run's steps)
+  interrupted: bool = False           # stopped by SIGTERM/SIGINT after a final checkpoint
+  steps_per_second: Optional[float] = None
+  tokens_per_second: Optional[float] = None
+  step_functions: Optional[StepFunctions] = None
+
+
+def write_text_atomically(model_dir: str, text: str, name: str = 'config.gin'):
+  """Writes MODEL_DIR/name on process 0 via a rename, so a crash never leaves half a file."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(model_dir, exist_ok=True)
+  path = os.path.join(model_dir, name)
+  tmp = path + '.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+class _StopSignals:
+  """Turns SIGTERM/SIGINT into a flag the loop checks between steps (then save and exit)."""
+
+  def __init__(self):
+    self.received: Optional[int] = None
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.received is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # a second Ctrl-C stops at once
+    self.received = signum
+    logging.warning('Received signal %d: saving a checkpoint after this step, then exiting.',
+                    signum)
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _to_host(metrics) -> dict[str, float]:
+  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+@contextlib.contextmanager
+def _progress(total: int, initial: int, enabled: bool):
+  bar = tqdm(total=total, initial=initial, desc='train', unit='step', dynamic_ncols=True,
+             mininterval=1.0, disable=not enabled)
+  try:
+    yield bar
+  finally:
+    bar.close()
+
+
+@gin.configurable(denylist=['step_hooks_extra'])
+def train(*,
+          model: BaseModel = gin.REQUIRED,
+          train_dataset: DatasetConfig = gin.REQUIRED,
+          model_dir: str = gin.REQUIRED,
+          train_steps: int = gin.REQUIRED,
+          partitioner: Optional[Partitioner] = None,
+          seed: int = 0,
+          gradient_accumulation_steps: int = 1,
+          checkpoint_every_steps: int = 1000,
+          checkpoints_to_keep: Optional[int] = 3,
+          async_checkpointing: bool = True,
+          eval_dataset: Optional[DatasetConfig] = None,
+          eval_every_steps: int = 0,
+          eval_batches: Optional[int] = None,
+          log_every_steps: int = 10,
+          max_consecutive_skipped_steps: int = 10,
+          progress_bar: bool = True,
+          step_hooks: Sequence[StepHook] = (),
+          step_hooks_extra: Sequence[StepHook] = ()) -> TrainResult:
+  """Trains `model` on `train_dataset` to `train_steps`, resuming from MODEL_DIR if it can.
+
+  Args:
+    model: the model (see `BaseModel`).
+    train_dataset: the SeqIO task/mixture and global batch size.
+    model_dir: run directory: checkpoints/, TensorBoard events, config.gin.
+    train_steps: total steps (a resumed run continues up to this number).
+    partitioner: mesh and rules (default: all devices on the data axis).
+    seed: initialisation and per-step noise (dropout, quantizer dropout).
+    gradient_accumulation_steps: micro-batches per step.
+    checkpoint_every_steps: save period; the last step and signals force a save.
+    checkpoints_to_keep: recent checkpoints kept.
+    async_checkpointing: write checkpoints in the background.
+    eval_dataset: evaluated every `eval_every_steps` (0: never) on `eval_batches` batches.
+    eval_batches: batches per evaluation (None: the whole split).
+    log_every_steps: period of TensorBoard scalars and the printed line.
+    max_consecutive_skipped_steps: stop (without saving) when more steps than this in a row had
+      non-finite loss or gradients; the last good checkpoint stays.
+    progress_bar: show a terminal progress bar with ETA (process 0).
+    step_hooks: callables (step, metrics) run on the host after each step.
+    step_hooks_extra: more hooks from Python callers (not gin-bindable).
+
+  Returns:
+    A TrainResult.
+  """
+  partitioner = partitioner or Partitioner()
+  os.makedirs(model_dir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  batch_spec = global_batch_spec(train_dataset)
+  steps = StepFunctions(model, partitioner, batch_spec, gradient_accumulation_steps)
+  checkpointer = Checkpointer(os.path.join(model_dir, 'checkpoints'), checkpoint_every_steps,
+                              checkpoints_to_keep, async_checkpointing)
+  writer = SummaryWriter(os.path.join(model_dir, 'train'))
+
+  target = abstract_with_shardings(steps.abstract_state, steps.state_shardings)
+  start_step, state, data_position = checkpointer.restore(target)
+  if state is None:
+    start_step = 0
+    state = steps.init(jax.random.PRNGKey(seed))
+    logging.info('Initialised a new model in %s.', model_dir)
+  else:
+    _check_data_position(data_position, train_dataset, start_step)
+    logging.info('Resumed from step %d in %s.', start_step, checkpointer.directory)
+  if is_main:
+    _print(f'musiclm-jax: {model_dir}: step {start_step} -> {train_steps} on mesh '
+           f'{partitioner.mesh_shape} ({jax.device_count()} devices, '
+           f'{jax.process_count()} processes)')
+
+  ds = get_host_dataset(train_dataset, num_epochs=None, skip_batches=start_step)
+  batches = numpy_batches(ds)
+  hooks = list(step_hooks) + list(step_hooks_extra)
+  losses: dict[int, float] = {}
+  step = start_step
+  interrupted = False
+  window = {'t0': None, 'steps': 0, 'tokens': 0, 'sums': {}}
+  rates = {'steps_per_second': None, 'tokens_per_second': None}
+  pending = None  # (step number, metrics on device) of the step in flight
+  config_written = False
+
+  def finish_pending():
+    nonlocal pending
+    if pending is None:
+      return
+    done_step, device_metrics = pending
+    pending = None
+    m = _to_host(device_metrics)
+    losses[done_step] = m.get('loss', float('nan'))
+    for k, v in m.items():
+      window['sums'][k] = window['sums'].get(k, 0.0) + v
+    for hook in hooks:
+      hook(done_step, m)
+    if m.get('skipped_in_a_row', 0) > max_consecutive_skipped_steps:
+      raise NonFiniteTrainingError(
+          f'{int(m["skipped_in_a_row"])} consecutive steps up to step {done_step} had non-finite '
+          f'loss or gradients (limit train.max_consecutive_skipped_steps='
+          f'{max_consecutive_skipped_steps}). Stopped without saving; the last good checkpoint '
+          f'in {checkpointer.directory} is step {checkpointer.latest_step()}.')
+    if done_step % log_every_steps == 0 or done_step == train_steps:
+      log_window(done_step)
+
+  def log_window(at_step):
+    n = max(1, window['steps'])
+    scalars = {k: v / n for k, v in window['sums'].items()}
+    if window['t0'] is not None and window['steps']:
+      dt = time.perf_counter() - window['t0']
+      rates['steps_per_second'] = window['steps'] / dt
+      rates['tokens_per_second'] = window['tokens'] * jax.process_count() / dt
+      scalars['perf/steps_per_second'] = rates['steps_per_second']
+      scalars['perf/tokens_per_second'] = rates['tokens_per_second']
+      scalars['perf/examples_per_second'] = train_dataset.batch_size * window['steps'] / dt
+    writer.scalars(at_step, scalars)
+    if is_main:
+      parts = [f'step {at_step}']
+      for key in ('loss', 'accuracy'):
+        if key in scalars:
+          parts.append(f'{key} {scalars[key]:.4f}')
+      if scalars.get('skipped_total'):
+        parts.append(f'skipped {int(scalars["skipped_total"])}')
+      if 'perf/steps_per_second' in scalars:
+        parts.append(f'{scalars["perf/steps_per_second"]:.2f} steps/s '
+                     f'{scalars["perf/tokens_per_second"]:.0f} tokens/s')
+      tqdm.write(' | '.join(parts))
+    window.update(t0=time.perf_counter(), steps=0, tokens=0, sums={})
+
+  with _StopSignals() as signals, _progress(train_steps, start_step,
+                                            progress_bar and is_main) as bar:
+    try:
+      while step < train_steps:
+        host_batch = next(batches)
+        batch = partitioner.host_local_batch_to_global(host_batch)
+        state, device_metrics = steps.train_step(state, batch)
+        step += 1
+        # Fetch the previous step's metrics while this one runs: one step stays in flight.
+        finish_pending()
+        pending = (step, device_metrics)
+        if window['t0'] is None:
+          if step > start_step + 1:  # the first step includes compilation
+            window.update(t0=time.perf_counter(), steps=0, tokens=0, sums={})
+        else:
+          window['steps'] += 1
+          window['tokens'] += model.num_tokens(host_batch)
+        if not config_written:
+          write_text_atomically(model_dir, gin.operative_config_str())
+          config_written = True
+        checkpointer.save(step, state, _data_position(train_dataset, step),
+                          force=step == train_steps)
+        if eval_dataset is not None and eval_every_steps and step % eval_every_steps == 0:
+          finish_pending()
+          metrics = _evaluate_state(steps, partitioner, state, eval_dataset, eval_batches)
+          writer.scalars(step, {f'eval/{k}': v for k, v in metrics.items()})
+          if is_main:
+            tqdm.write(f'eval step {step}: ' + json.dumps({k: round(v, 5)
+                                                           for k, v in metrics.items()}))
+        bar.update(1)
+        if losses:
+          bar.set_postfix(loss=f'{losses[max(losses)]:.4f}', refresh=False)
+        if signals.received is not None and step < train_steps:
+          finish_pending()
+          checkpointer.save(step, state, _data_position(train_dataset, step), force=True)
+          interrupted = True
+          if is_main:
+            tqdm.write(f'Stopped by signal {signals.received} at step {step}; checkpoint saved.')
+          break
+      finish_pending()
+    finally:
+      checkpointer.close()
+      writer.close()
+  if is_main and not interrupted:
+    _print(f'Done: step {step}. Checkpoints: {checkpointer.directory}  '
+           f'TensorBoard: tensorboard --logdir {model_dir}')
+  return TrainResult(state=state, step=step, losses=losses, interrupted=interrupted,
+                     steps_per_second=rates['steps_per_second'],
+                     tokens_per_second=rates['tokens_per_second'], step_functions=steps)
+
+
+def _print(msg: str):
+  tqdm.write(msg)
+
+
+def _data_position(config: DatasetConfig, step: int) -> dict[str, Any]:
+  return {'batches_consumed': int(step), 'mixture_or_task_name': config.mixture_or_task_name,
+          'split': config.split, 'seed': int(config.seed), 'batch_size': int(config.batch_size)}
+
+
+def _check_data_position(position, config: DatasetConfig, step: int):
+  if not position:
+    return
+  for key, now in (('mixture_or_task_name', config.mixture_or_task_name),
+                   ('seed', config.seed), ('batch_size', config.batch_size)):
+    if key in position and position[key] != now:
+      logging.warning('Resuming step %d with %s=%r, but the checkpoint was written with %r: '
+                      'the data stream will differ from an uninterrupted run.',
+                      step, key, now, position[key])
+
+
+def _evaluate_state(steps: StepFunctions, partitioner: Partitioner, state: TrainState,
+                    dataset: DatasetConfig, num_batches: Optional[int]) -> dict[str, float]:
+  """Runs eval_step over the split; sums numerators and denominators, then divides."""
+  ds = get_host_dataset(dataclasses.replace(dataset, shuffle=False), num_epochs=1,
+                        drop_remainder=False)
+  per_host = next(iter(steps.batch_spec.values())).shape[0] // jax.process_count()
+  sums: dict[str, list[float]] = {}
+  for i, host_batch in enumerate(numpy_batches(ds)):
+    if num_batches is not None and i >= num_batches:
+      break
+    # Pad a final partial batch with zeros: zero loss weights, so it adds nothing.
+    host_batch = {k: _pad_rows(v, per_host) for k, v in host_batch.items()}
+    ratios = jax.device_get(steps.eval_step(state, partitioner.host_local_batch_to_global(
+        host_batch)))
+    for name, (num, den) in ratios.items():
+      acc = sums.setdefault(name, [0.0, 0.0])
+      acc[0] += float(num)
+      acc[1] += float(den)
+  return {k: num / max(den, 1e-12) for k, (num, den) in sums.items()}
+
+
+def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+  if x.shape[0] == rows:
+    return x
+  pad = np.zeros((rows - x.shape[0],) + x.shape[1:], x.dtype)
+  return np.concatenate([x, pad])
+
+
+@gin.configurable
+def evaluate(*,
+             model: BaseModel = gin.REQUIRED,
+             eval_dataset: DatasetConfig = gin.REQUIRED,
+             model_dir: str = gin.REQUIRED,
+             partitioner: Optional[Partitioner] = None,
+             checkpoint_step: Optional[int] = None,
+             eval_batches: Optional[int] = None) -> dict[str, float]:
+  """Evaluates a checkpoint of MODEL_DIR on a split; writes TensorBoard and eval_results.json.
+
+  Args:
+    model: the model the checkpoint was trained with.
+    eval_dataset: split to evaluate (read once, in order).
+    model_dir: run directory holding checkpoints/.
+    partitioner: mesh and rules (may differ from training: the checkpoint is resharded).
+    checkpoint_step: which step (default: the latest readable).
+    eval_batches: limit on batches (default: the whole split).
+  """
+  partitioner = partitioner or Partitioner()
+  steps = StepFunctions(model, partitioner, global_batch_spec(eval_dataset))
+  checkpointer = Checkpointer(os.path.join(model_dir, 'checkpoints'))
+  target = abstract_with_shardings(steps.abstract_state, steps.state_shardings)
+  step, state, _ = checkpointer.restore(target, checkpoint_step)
+  checkpointer.close()
+  if state is None:
+    raise FileNotFoundError(f'No readable checkpoint in {checkpointer.directory}')
+  metrics = _evaluate_state(steps, partitioner, state, eval_dataset, eval_batches)
+  writer = SummaryWriter(os.path.join(model_dir, 'eval'))
+  writer.scalars(step, {f'eval/{k}': v for k, v in metrics.items()})
+  writer.close()
+  result = {'step': step, 'split': eval_dataset.split, **metrics}
+  if jax.process_index() == 0:
+    write_text_atomically(model_dir, json.dumps(result, indent=2) + '\n', 'eval_results.json')
+    _print(json.dumps(result))
+  return metrics

@@ -1,0 +1,1 @@
+"""SeqIO task and mixture registrations (import a submodule to register its tasks)."""
