@@ -1,0 +1,7 @@
+"""Imports every module that registers gin configurables, so gin files can name them."""
+# pylint: disable=unused-import
+from musiclm_jax.data import seqio_input  # noqa: F401  DatasetConfig
+from musiclm_jax.train import models  # noqa: F401  DecoderOnlyLM, TransformerConfig
+from musiclm_jax.train import optimizers  # noqa: F401  OptimizerConfig
+from musiclm_jax.train import partitioning  # noqa: F401  Partitioner, standard_logical_axis_rules
+from musiclm_jax.train import trainer  # noqa: F401  train, evaluate

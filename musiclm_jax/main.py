@@ -1,0 +1,165 @@
+"""The one entry point: `musiclm-jax SUBCOMMAND --gin_file=... --gin.NAME=VALUE ...` (T5X flags).
+
+Subcommands:
+  train   gin-configured `musiclm_jax.train.trainer.train`
+  eval    gin-configured `musiclm_jax.train.trainer.evaluate`
+
+Flags (each may repeat):
+  --gin_file=PATH              a gin file (searched in --gin_search_paths, the working directory
+                               and this checkout's gin_configs/)
+  --gin.NAME=VALUE             a binding, e.g. --gin.MODEL_DIR="'runs/toy'" --gin.TRAIN_STEPS=50
+  --gin_search_paths=A,B       more directories for gin files and their includes
+  --module_import=MODULE       import a module first (registers SeqIO tasks or gin configurables)
+Multi-host (one command per host):
+  --coordinator_address=HOST:PORT --num_processes=N --process_id=I
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from typing import Optional, Sequence
+
+SUBCOMMANDS = ('train', 'eval')
+REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            'gin_configs')
+
+
+class UsageError(Exception):
+  """A bad flag, gin file or binding: reported in one line, exit status 2."""
+
+
+def parse_flags(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+  """Splits T5X-style flags; `--gin.NAME=VALUE` become gin binding strings `NAME=VALUE`."""
+  bindings, rest = [], []
+  args = list(argv)
+  i = 0
+  while i < len(args):
+    arg = args[i]
+    if arg.startswith('--gin.'):
+      body = arg[len('--gin.'):]
+      if '=' not in body:
+        if i + 1 >= len(args):
+          raise UsageError(f'{arg}: expected --gin.NAME=VALUE')
+        body = f'{body}={args[i + 1]}'
+        i += 1
+      bindings.append(body)
+    else:
+      rest.append(arg)
+    i += 1
+  parser = argparse.ArgumentParser(prog='musiclm-jax', description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('command', choices=SUBCOMMANDS)
+  parser.add_argument('--gin_file', action='append', default=[])
+  parser.add_argument('--gin_search_paths', action='append', default=[])
+  parser.add_argument('--module_import', action='append', default=[])
+  parser.add_argument('--coordinator_address', default=None)
+  parser.add_argument('--num_processes', type=int, default=None)
+  parser.add_argument('--process_id', type=int, default=None)
+  parser.add_argument('--log_level', default='WARNING')
+  ns = parser.parse_args(rest)
+  return ns, bindings
+
+
+def setup_compilation_cache():
+  """Persistent XLA compilation cache outside the repository (repeat runs skip compiles)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  cache = os.environ.get('MUSICLM_JAX_COMPILATION_CACHE',
+                         os.path.join(os.path.expanduser('~'), '.cache', 'musiclm_jax', 'xla'))
+  if cache and cache.lower() != 'none':
+    jax.config.update('jax_compilation_cache_dir', cache)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+
+
+class _GinSearchNoise(logging.Filter):
+  """Drops gin's 'Path not found' errors logged while it tries each search path for a file."""
+
+  def filter(self, record):
+    return not record.pathname.endswith(os.path.join('gin', 'resource_reader.py'))
+
+
+def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
+              search_paths: Sequence[str] = ()):
+  """Parses gin files and bindings; raises UsageError naming the file or binding at fault."""
+  import gin  # pylint: disable=g-import-not-at-top
+  import musiclm_jax.gin_configurables  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  paths = []
+  for entry in search_paths:
+    paths.extend(p for p in entry.split(',') if p)
+  paths += [os.getcwd(), REPO_GIN_DIR]
+  for p in paths:
+    gin.add_config_file_search_path(p)
+  for f in gin_files:
+    if not any(os.path.exists(os.path.join(p, f)) for p in [''] + paths):
+      raise UsageError(f'--gin_file={f}: not found (searched {", ".join(paths)})')
+  noise = _GinSearchNoise()
+  logging.getLogger().addFilter(noise)
+  try:
+    gin.parse_config_files_and_bindings(gin_files, None, finalize_config=False)
+  except Exception as e:  # pylint: disable=broad-except
+    raise UsageError(f'gin file error in {", ".join(gin_files)}: {e}') from e
+  finally:
+    logging.getLogger().removeFilter(noise)
+  for b in bindings:
+    try:
+      gin.parse_config(b)
+    except Exception as e:  # pylint: disable=broad-except
+      raise UsageError(f'--gin.{b}: {str(e).splitlines()[0]}') from e
+  try:
+    gin.finalize()  # runs gin's check that every %gin.REQUIRED macro was set
+  except ValueError as e:
+    message = str(e).splitlines()[0]
+    if 'gin.REQUIRED' in message:
+      name = message.split('/')[0]
+      raise UsageError(f'required gin macro {name} is not set (pass --gin.{name}=VALUE): '
+                       f'{message}') from e
+    raise UsageError(message) from e
+
+
+def run(argv: Sequence[str]) -> int:
+  ns, bindings = parse_flags(argv)
+  logging.basicConfig(level=getattr(logging, ns.log_level.upper(), logging.WARNING),
+                      format='%(levelname)s %(name)s: %(message)s')
+  import jax  # pylint: disable=g-import-not-at-top
+  if ns.coordinator_address:
+    jax.distributed.initialize(ns.coordinator_address, num_processes=ns.num_processes,
+                               process_id=ns.process_id)
+  setup_compilation_cache()
+  for module in ns.module_import:
+    try:
+      importlib.import_module(module)
+    except ImportError as e:
+      raise UsageError(f'--module_import={module}: {e}') from e
+  parse_gin(ns.gin_file, bindings, ns.gin_search_paths)
+  import gin  # pylint: disable=g-import-not-at-top
+  from musiclm_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  fn = {'train': trainer.train, 'eval': trainer.evaluate}[ns.command]
+  try:
+    fn()
+  except (ValueError, TypeError, RuntimeError) as e:
+    # gin reports missing required bindings/macros and bad values this way; name them.
+    message = str(e)
+    if 'gin' in message.lower() or 'REQUIRED' in message or 'Required' in message:
+      raise UsageError(f'{ns.command}: {message.splitlines()[0]}') from e
+    raise
+  del gin
+  return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  try:
+    return run(argv)
+  except UsageError as e:
+    print(f'musiclm-jax: error: {e}', file=sys.stderr)
+    return 2
+
+
+def console_entry():
+  sys.exit(main())
+
+
+if __name__ == '__main__':
+  console_entry()
