@@ -27,6 +27,9 @@ REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fi
                             'gin_configs')
 
 
+_ADDED_SEARCH_PATHS: set[str] = set()
+
+
 class UsageError(Exception):
   """A bad flag, gin file or binding: reported in one line, exit status 2."""
 
@@ -90,7 +93,9 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
     paths.extend(p for p in entry.split(',') if p)
   paths += [os.getcwd(), REPO_GIN_DIR]
   for p in paths:
-    gin.add_config_file_search_path(p)
+    if p not in _ADDED_SEARCH_PATHS:  # gin keeps a global list; add each directory once
+      gin.add_config_file_search_path(p)
+      _ADDED_SEARCH_PATHS.add(p)
   for f in gin_files:
     if not any(os.path.exists(os.path.join(p, f)) for p in [''] + paths):
       raise UsageError(f'--gin_file={f}: not found (searched {", ".join(paths)})')
