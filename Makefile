@@ -22,7 +22,7 @@ test: setup
 demo: setup
 	$(PY) -m musiclm_jax.main train \
 	  --gin_file=gin_configs/examples/toy_lm.gin \
-	  --gin.MODEL_DIR="'$(DEMO_DIR)'" --gin.TRAIN_STEPS=300
+	  --gin.MODEL_DIR="'$(DEMO_DIR)'" --gin.TRAIN_STEPS=1000
 	@echo "Checkpoints: $(DEMO_DIR)/checkpoints   TensorBoard: tensorboard --logdir $(DEMO_DIR)"
 
 clean:
