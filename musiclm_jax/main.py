@@ -138,7 +138,6 @@ def run(argv: Sequence[str]) -> int:
     except ImportError as e:
       raise UsageError(f'--module_import={module}: {e}') from e
   parse_gin(ns.gin_file, bindings, ns.gin_search_paths)
-  import gin  # pylint: disable=g-import-not-at-top
   from musiclm_jax.train import trainer  # pylint: disable=g-import-not-at-top
   fn = {'train': trainer.train, 'eval': trainer.evaluate}[ns.command]
   try:
@@ -149,7 +148,6 @@ def run(argv: Sequence[str]) -> int:
     if 'gin' in message.lower() or 'REQUIRED' in message or 'Required' in message:
       raise UsageError(f'{ns.command}: {message.splitlines()[0]}') from e
     raise
-  del gin
   return 0
 
 

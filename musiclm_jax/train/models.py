@@ -4,7 +4,6 @@ from __future__ import annotations
 import abc
 from typing import Any, Mapping, Optional
 
-import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
