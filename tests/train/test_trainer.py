@@ -71,11 +71,12 @@ def test_kill9_between_checkpoints_resumes_bit_exact(tmp_path):
                 '--gin.train.step_hooks=[@signal_at_step()]', '--gin.signal_at_step.step=13')
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
   steps_on_disk = Checkpointer(str(killed_dir / 'checkpoints')).all_steps()
-  # Orbax saves the first step too; killed between the checkpoints of steps 8 and 16.
-  assert steps_on_disk == [1, 8], steps_on_disk
+  # Orbax saves the first step too. The async save of step 8 may still have been in flight when
+  # the kill came: then only its temporary directory exists and step 1 is the last good one.
+  assert steps_on_disk in ([1], [1, 8]), steps_on_disk
   again = _cli(killed_dir)
   assert again.returncode == 0, again.stderr[-3000:]
-  assert 'step 8 -> 24' in again.stdout + again.stderr
+  assert f'step {steps_on_disk[-1]} -> 24' in again.stdout + again.stderr
 
   step_a, ref_state, ref_data = _restore(tmp_path / 'ref', (2, 1, 4))
   step_b, resumed_state, resumed_data = _restore(killed_dir, (2, 1, 4))
