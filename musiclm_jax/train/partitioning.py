@@ -5,7 +5,7 @@ import contextlib
 import dataclasses
 import logging
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import gin
@@ -242,22 +242,24 @@ class Partitioner:
       cost = None
     return CompiledFunction(compiled, memory, cost)
 
-  def host_local_batch_to_global(self, local_batch: dict[str, np.ndarray],
-                                 batch_axes: Sequence[Optional[str]] = ('batch',)
+  def batch_shardings(self, batch_spec: Mapping[str, Any]) -> dict[str, NamedSharding]:
+    """Per feature: leading (batch) dimension split by the `batch` rule, the rest whole."""
+    return {name: self.logical_sharding(('batch',) + (None,) * (len(v.shape) - 1))
+            for name, v in batch_spec.items()}
+
+  def host_local_batch_to_global(self, local_batch: Mapping[str, np.ndarray],
+                                 shardings: Optional[Mapping[str, NamedSharding]] = None
                                  ) -> dict[str, jax.Array]:
     """Assembles the global batch from each process's share (`make_array_from_process_local_data`).
 
-    Every feature is sharded over its leading (batch) dimension by the `batch` rule; the other
-    dimensions stay whole.
+    Args:
+      local_batch: this process's rows of every feature.
+      shardings: the global arrays' shardings (pass the step function's, computed once, on the
+        hot path); default `batch_shardings(local_batch)`.
     """
-    out = {}
-    for name, value in local_batch.items():
-      value = np.asarray(value)
-      axes = tuple(batch_axes) + (None,) * (value.ndim - len(batch_axes))
-      sharding = self.logical_sharding(axes)
-      out[name] = jax.make_array_from_process_local_data(sharding, value)
-    return out
-
+    shardings = shardings or self.batch_shardings(local_batch)
+    return {name: jax.make_array_from_process_local_data(shardings[name], np.asarray(value))
+            for name, value in local_batch.items()}
 
 def partition_spec_snapshot(mesh_specs: Any) -> dict[str, list]:
   """{parameter path: mesh PartitionSpec as a list} for golden-file checks of sharding rules."""

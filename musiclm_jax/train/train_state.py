@@ -77,9 +77,7 @@ class StepFunctions:
     self.txs = {g: cfg.build() for g, cfg in model.optimizers.items()}
     self.lr_fns = {g: cfg.learning_rate_fn() for g, cfg in model.optimizers.items()}
     self.replicated = partitioner.sharding(P())
-    self.batch_shardings = {
-        k: partitioner.logical_sharding(('batch',) + (None,) * (len(v.shape) - 1))
-        for k, v in self.batch_spec.items()}
+    self.batch_shardings = partitioner.batch_shardings(self.batch_spec)
     self._build_shardings()
     self.init = partitioner.partition(self._init, in_shardings=(self.replicated,),
                                       out_shardings=self.state_shardings)
