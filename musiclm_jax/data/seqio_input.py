@@ -53,14 +53,12 @@ def host_batch_size(config: DatasetConfig) -> int:
 
 
 def get_host_dataset(config: DatasetConfig, num_epochs: Optional[int] = None,
-                     skip_batches: int = 0, drop_remainder: bool = True):
+                     drop_remainder: bool = True):
   """This process's share of the data as a batched tf.data.Dataset.
 
   Args:
     config: what to read.
     num_epochs: None repeats forever (training); 1 reads the split once (evaluation).
-    skip_batches: batches already consumed (restored from a checkpoint), skipped so a resumed run
-      sees exactly the batches an uninterrupted run would.
     drop_remainder: drop a final partial batch.
   """
   tf = quiet_tensorflow()
@@ -76,8 +74,6 @@ def get_host_dataset(config: DatasetConfig, num_epochs: Optional[int] = None,
       use_cached=config.use_cached, shuffle=config.shuffle, num_epochs=num_epochs,
       shard_info=shard_info, verbose=False, seed=config.seed)
   ds = ds.batch(host_batch_size(config), drop_remainder=drop_remainder)
-  if skip_batches:
-    ds = ds.skip(int(skip_batches))
   return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -86,11 +82,13 @@ def numpy_batches(ds) -> Iterator[dict[str, np.ndarray]]:
     yield dict(batch)
 
 
+def batch_spec_of(ds, global_batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes and dtypes of the GLOBAL batch, from a host dataset's element spec."""
+  return {name: jax.ShapeDtypeStruct((global_batch_size,) + tuple(s.shape[1:]),
+                                     np.dtype(s.dtype.as_numpy_dtype))
+          for name, s in ds.element_spec.items()}
+
+
 def global_batch_spec(config: DatasetConfig) -> dict[str, jax.ShapeDtypeStruct]:
-  """Shapes and dtypes of the GLOBAL batch, from the pipeline's element spec."""
-  ds = get_host_dataset(config, num_epochs=1)
-  spec = {}
-  for name, s in ds.element_spec.items():
-    shape = (config.batch_size,) + tuple(s.shape[1:])
-    spec[name] = jax.ShapeDtypeStruct(shape, np.dtype(s.dtype.as_numpy_dtype))
-  return spec
+  """Shapes and dtypes of the GLOBAL batch `config` describes (builds the pipeline to see)."""
+  return batch_spec_of(get_host_dataset(config, num_epochs=1), config.batch_size)

@@ -16,8 +16,8 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from musiclm_jax.data.seqio_input import (DatasetConfig, get_host_dataset, global_batch_spec,
-                                          numpy_batches)
+from musiclm_jax.data.seqio_input import (DatasetConfig, batch_spec_of, get_host_dataset,
+                                          global_batch_spec, numpy_batches)
 from musiclm_jax.train.checkpoints import Checkpointer, abstract_with_shardings
 from musiclm_jax.train.models import BaseModel
 from musiclm_jax.train.partitioning import Partitioner
@@ -144,7 +144,9 @@ def train(*,
   partitioner = partitioner or Partitioner()
   os.makedirs(model_dir, exist_ok=True)
   is_main = jax.process_index() == 0
-  batch_spec = global_batch_spec(train_dataset)
+  # One pipeline: its element spec gives the shapes; after restore it skips what was consumed.
+  ds = get_host_dataset(train_dataset, num_epochs=None)
+  batch_spec = batch_spec_of(ds, train_dataset.batch_size)
   steps = StepFunctions(model, partitioner, batch_spec, gradient_accumulation_steps)
   checkpointer = Checkpointer(os.path.join(model_dir, 'checkpoints'), checkpoint_every_steps,
                               checkpoints_to_keep, async_checkpointing)
@@ -160,12 +162,12 @@ def train(*,
     _check_data_position(data_position, train_dataset, start_step)
     logging.info('Resumed from step %d in %s.', start_step, checkpointer.directory)
   if is_main:
-    _print(f'musiclm-jax: {model_dir}: step {start_step} -> {train_steps} on mesh '
+    tqdm.write(f'musiclm-jax: {model_dir}: step {start_step} -> {train_steps} on mesh '
            f'{partitioner.mesh_shape} ({jax.device_count()} devices, '
            f'{jax.process_count()} processes)')
 
-  ds = get_host_dataset(train_dataset, num_epochs=None, skip_batches=start_step)
-  batches = numpy_batches(ds)
+  # Skipping the batches already consumed replays exactly the stream an uninterrupted run sees.
+  batches = numpy_batches(ds.skip(start_step) if start_step else ds)
   hooks = list(step_hooks) + list(step_hooks_extra)
   losses: dict[int, float] = {}
   step = start_step
@@ -225,7 +227,7 @@ def train(*,
     try:
       while step < train_steps:
         host_batch = next(batches)
-        batch = partitioner.host_local_batch_to_global(host_batch)
+        batch = partitioner.host_local_batch_to_global(host_batch, steps.batch_shardings)
         state, device_metrics = steps.train_step(state, batch)
         step += 1
         # Fetch the previous step's metrics while this one runs: one step stays in flight.
@@ -264,15 +266,11 @@ def train(*,
       checkpointer.close()
       writer.close()
   if is_main and not interrupted:
-    _print(f'Done: step {step}. Checkpoints: {checkpointer.directory}  '
+    tqdm.write(f'Done: step {step}. Checkpoints: {checkpointer.directory}  '
            f'TensorBoard: tensorboard --logdir {model_dir}')
   return TrainResult(state=state, step=step, losses=losses, interrupted=interrupted,
                      steps_per_second=rates['steps_per_second'],
                      tokens_per_second=rates['tokens_per_second'], step_functions=steps)
-
-
-def _print(msg: str):
-  tqdm.write(msg)
 
 
 def _data_position(config: DatasetConfig, step: int) -> dict[str, Any]:
@@ -304,7 +302,7 @@ def _evaluate_state(steps: StepFunctions, partitioner: Partitioner, state: Train
     # Pad a final partial batch with zeros: zero loss weights, so it adds nothing.
     host_batch = {k: _pad_rows(v, per_host) for k, v in host_batch.items()}
     ratios = jax.device_get(steps.eval_step(state, partitioner.host_local_batch_to_global(
-        host_batch)))
+        host_batch, steps.batch_shardings)))
     for name, (num, den) in ratios.items():
       acc = sums.setdefault(name, [0.0, 0.0])
       acc[0] += float(num)
@@ -352,5 +350,5 @@ def evaluate(*,
   result = {'step': step, 'split': eval_dataset.split, **metrics}
   if jax.process_index() == 0:
     write_text_atomically(model_dir, json.dumps(result, indent=2) + '\n', 'eval_results.json')
-    _print(json.dumps(result))
+    tqdm.write(json.dumps(result))
   return metrics
