@@ -143,9 +143,10 @@ def run(argv: Sequence[str]) -> int:
   try:
     fn()
   except (ValueError, TypeError, RuntimeError) as e:
-    # gin reports missing required bindings/macros and bad values this way; name them.
+    # A gin.REQUIRED parameter left unbound: a usage error naming it. Anything else is a bug or
+    # a data problem and keeps its traceback.
     message = str(e)
-    if 'gin' in message.lower() or 'REQUIRED' in message or 'Required' in message:
+    if message.startswith('Required bindings for'):
       raise UsageError(f'{ns.command}: {message.splitlines()[0]}') from e
     raise
   return 0
