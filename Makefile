@@ -7,10 +7,11 @@ DEMO_DIR ?= runs/demo_toy
 
 .PHONY: setup test demo clean
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: setup.py requirements-nodeps.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
 	touch $@
 
 setup: $(VENV)/.installed

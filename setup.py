@@ -20,7 +20,13 @@ INSTALL_REQUIRES = [
     'tqdm==4.70.1',
     'protobuf==6.33.6',
     'sentencepiece==0.2.1',
+    'soxr==1.1.0',
+    'music21==10.5.1',             # melodies of the embedded default corpus
+    'pretty_midi==0.2.11.post0',   # MIDI building + the General MIDI soundfont it ships
+    'apache-beam==2.77.0',         # `musiclm-jax tokenize`: token caching as a Beam pipeline
 ]
+# requirements-nodeps.txt lists what the Makefile installs after this with `pip --no-deps`:
+# packages whose declared dependencies cannot or need not be installed.
 
 setuptools.setup(
     name='musiclm-jax',
@@ -33,7 +39,6 @@ setuptools.setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         'test': ['pytest==9.2.0', 'pytest-xdist==3.8.0'],
-        'beam': ['apache-beam==2.77.0'],
     },
     entry_points={'console_scripts': ['musiclm-jax=musiclm_jax.main:console_entry']},
     license='Apache-2.0',
