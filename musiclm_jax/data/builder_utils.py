@@ -1,0 +1,137 @@
+"""What the TFDS audio corpus builders share: the common example schema and the skip report."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import re
+from typing import Any, Mapping, Optional
+
+import numpy as np
+
+from musiclm_jax.audio.io import SkipCounter
+
+# Every corpus (musiccaps, audio_folder, embedded music) has these fields, so one SeqIO task
+# definition reads any of them.
+COMMON_FEATURE_NAMES = ('audio', 'caption', 'aspects', 'id')
+
+# Keys of DatasetInfo.metadata written by the builders (see SplitStats.store).
+METADATA_KEYS = ('examples', 'skipped', 'skipped_examples', 'warnings', 'empty_splits')
+
+
+def common_features(sample_rate: int) -> dict[str, Any]:
+  """The shared part of the FeaturesDict.
+
+  Args:
+    sample_rate: the rate the audio is stored at (the builder resamples to it).
+
+  Returns:
+    {'audio': mono int16 of any length, 'caption': text, 'aspects': tags, 'id': unique key}.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  # pulls TensorFlow
+  return {
+      'audio': tfds.features.Audio(shape=(None,), dtype=np.int16, sample_rate=sample_rate),
+      'caption': tfds.features.Text(),
+      'aspects': tfds.features.Sequence(tfds.features.Text()),
+      'id': tfds.features.Text(),
+  }
+
+
+def is_registered(name: str) -> bool:
+  """Whether TFDS already has a dataset of this name.
+
+  Re-executing a builder module (importlib.reload, or an import under another module name)
+  would register its name twice, which TFDS refuses; builders then skip registration. The
+  registry has no public lookup that does not import every TFDS dataset, hence the private one.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return name in getattr(tfds.core.registered, '_DATASET_REGISTRY', {})
+
+
+def fit_length(audio: np.ndarray, num_samples: int) -> np.ndarray:
+  """Trims or zero-pads 1-D audio at the end to exactly num_samples."""
+  if len(audio) >= num_samples:
+    return audio[:num_samples]
+  return np.pad(audio, (0, num_samples - len(audio)))
+
+
+def to_int16(audio: np.ndarray) -> np.ndarray:
+  """float audio in [-1, 1] (clipped beyond) to int16 PCM, rounding to nearest."""
+  return np.round(np.clip(audio, -1.0, 1.0) * 32767.0).astype(np.int16)
+
+
+def empty_metadata() -> dict[str, Any]:
+  return {key: ({} if key != 'empty_splits' else []) for key in METADATA_KEYS}
+
+
+class SplitStats:
+  """Per-split build accounting: examples written, items skipped and items repaired.
+
+  `skips` counts items that produced no example (a missing or bad file, a rejected row), by
+  reason; `warnings` counts examples kept with a repair (e.g. an unparsable tag list became
+  empty). `store` copies both into the builder's DatasetInfo.metadata, which TFDS saves as
+  metadata.json next to the data, so the counts stay readable after the build
+  (`skip_report(builder)`).
+  """
+
+  def __init__(self, dataset: str, split: str):
+    self.split = split
+    self.skips = SkipCounter(f'{dataset}/{split}')
+    self.warnings = SkipCounter(f'{dataset}/{split} (kept, repaired)')
+    self.examples = 0
+
+  def store(self, metadata: dict[str, Any]):
+    """Logs the report and records it under the split's name in `metadata`."""
+    logging.info('%s: %d examples', self.skips.name, self.examples)
+    logging.info(self.skips.report())
+    if self.warnings.total:
+      logging.info(self.warnings.report())
+    for key, value in (('examples', self.examples), ('skipped', self.skips.as_dict()),
+                       ('skipped_examples', {r: list(v) for r, v in
+                                             sorted(self.skips.examples.items())}),
+                       ('warnings', self.warnings.as_dict())):
+      metadata.setdefault(key, {})[self.split] = value
+
+
+def skip_report(builder) -> dict[str, Any]:
+  """A plain dict of what a built (or loaded) builder recorded: examples, skips, warnings.
+
+  Returns:
+    {'examples': {split: n}, 'skipped': {split: {reason: n}}, 'skipped_examples':
+     {split: {reason: [up to 5 items]}}, 'warnings': {split: {reason: n}}, 'empty_splits':
+     [splits left out because no audio was found for them], ...}.
+  """
+  return json.loads(json.dumps(dict(builder.info.metadata)))
+
+
+def config_name(stem: str, params: Mapping[str, Any]) -> str:
+  """A TFDS-valid config name from a readable stem and a hash of the parameters.
+
+  Two builds of the same folder with different parameters get different names, so TFDS does
+  not quietly reuse a dataset prepared with other settings.
+  """
+  stem = re.sub(r'[^A-Za-z0-9_.+-]+', '_', stem).strip('_.') or 'corpus'
+  blob = json.dumps({k: _jsonable(v) for k, v in sorted(params.items())}, sort_keys=True)
+  return f'{stem[:40]}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}'
+
+
+def _jsonable(value):
+  if dataclasses.is_dataclass(value):
+    return dataclasses.asdict(value)
+  if isinstance(value, (tuple, list)):
+    return [_jsonable(v) for v in value]
+  return value
+
+
+def fraction_of(key: str, salt: str = '') -> float:
+  """A stable pseudo-random number in [0, 1) for a key (sha256; the same on every machine)."""
+  digest = hashlib.sha256((salt + key).encode('utf-8', 'surrogateescape')).digest()
+  return int.from_bytes(digest[:8], 'big') / 2.0 ** 64
+
+
+def check_positive(name: str, value: Optional[float], allow_none: bool = False):
+  if value is None and allow_none:
+    return
+  if value is None or not np.isfinite(value) or value <= 0:
+    raise ValueError(f'{name} must be a positive number, got {value!r}')
