@@ -1,6 +1,9 @@
 """Imports every module that registers gin configurables, so gin files can name them."""
 # pylint: disable=unused-import
+from musiclm_jax.data import frozen_tokenizer  # noqa: F401  FrozenTokenizer
 from musiclm_jax.data import seqio_input  # noqa: F401  DatasetConfig
+from musiclm_jax.data import token_cache  # noqa: F401  cache_tasks
+from musiclm_jax.nn import random_projection  # noqa: F401  RandomProjectionQuantizer
 from musiclm_jax.train import models  # noqa: F401  DecoderOnlyLM, TransformerConfig
 from musiclm_jax.train import optimizers  # noqa: F401  OptimizerConfig
 from musiclm_jax.train import partitioning  # noqa: F401  Partitioner, standard_logical_axis_rules

@@ -1,8 +1,10 @@
 """The one entry point: `musiclm-jax SUBCOMMAND --gin_file=... --gin.NAME=VALUE ...` (T5X flags).
 
 Subcommands:
-  train   gin-configured `musiclm_jax.train.trainer.train`
-  eval    gin-configured `musiclm_jax.train.trainer.evaluate`
+  train     gin-configured `musiclm_jax.train.trainer.train`
+  eval      gin-configured `musiclm_jax.train.trainer.evaluate`
+  tokenize  gin-configured `musiclm_jax.data.token_cache.cache_tasks`: run SeqIO tasks' frozen
+            tokenizers on Apache Beam and cache the tokens (--gin_file=runs/tokenize.gin)
 
 Flags (each may repeat):
   --gin_file=PATH              a gin file (searched in --gin_search_paths, the working directory
@@ -22,7 +24,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-SUBCOMMANDS = ('train', 'eval')
+SUBCOMMANDS = ('train', 'eval', 'tokenize')
 REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             'gin_configs')
 
@@ -61,7 +63,8 @@ def parse_flags(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
   parser.add_argument('--coordinator_address', default=None)
   parser.add_argument('--num_processes', type=int, default=None)
   parser.add_argument('--process_id', type=int, default=None)
-  parser.add_argument('--log_level', default='WARNING')
+  parser.add_argument('--log_level', default=None,
+                      help='Python log level (default: INFO for tokenize, else WARNING)')
   ns = parser.parse_args(rest)
   return ns, bindings
 
@@ -125,8 +128,14 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
 
 def run(argv: Sequence[str]) -> int:
   ns, bindings = parse_flags(argv)
-  logging.basicConfig(level=getattr(logging, ns.log_level.upper(), logging.WARNING),
-                      format='%(levelname)s %(name)s: %(message)s')
+  level_name = ns.log_level or ('INFO' if ns.command == 'tokenize' else 'WARNING')
+  level = getattr(logging, level_name.upper(), logging.WARNING)
+  logging.basicConfig(level=level, format='%(levelname)s %(name)s: %(message)s')
+  if ns.command == 'tokenize' and level > logging.DEBUG:
+    # Progress comes from musiclm_jax's loggers; Beam's and seqio's (absl, which logs whole
+    # examples) INFO lines would bury it.
+    for name in ('apache_beam', 'absl', 'jax'):
+      logging.getLogger(name).setLevel(max(level, logging.WARNING))
   import jax  # pylint: disable=g-import-not-at-top
   if ns.coordinator_address:
     jax.distributed.initialize(ns.coordinator_address, num_processes=ns.num_processes,
@@ -138,11 +147,19 @@ def run(argv: Sequence[str]) -> int:
     except ImportError as e:
       raise UsageError(f'--module_import={module}: {e}') from e
   parse_gin(ns.gin_file, bindings, ns.gin_search_paths)
-  from musiclm_jax.train import trainer  # pylint: disable=g-import-not-at-top
-  fn = {'train': trainer.train, 'eval': trainer.evaluate}[ns.command]
+  if ns.command == 'tokenize':
+    from musiclm_jax.data import token_cache  # pylint: disable=g-import-not-at-top
+    fn = token_cache.cache_tasks
+  else:
+    from musiclm_jax.train import trainer  # pylint: disable=g-import-not-at-top
+    fn = {'train': trainer.train, 'eval': trainer.evaluate}[ns.command]
   try:
     fn()
   except (ValueError, TypeError, RuntimeError) as e:
+    if ns.command == 'tokenize' and isinstance(e, token_cache.CacheError):
+      # A refusal (an existing cache, an unregistered task): one line, nothing was changed.
+      lines = [l for l in str(e).splitlines() if 'In call to configurable' not in l]
+      raise UsageError('tokenize: ' + '\n'.join(lines)) from e
     # A gin.REQUIRED parameter left unbound: a usage error naming it. Anything else is a bug or
     # a data problem and keeps its traceback.
     message = str(e)

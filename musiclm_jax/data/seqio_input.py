@@ -25,8 +25,12 @@ class DatasetConfig:
     shuffle: shuffle (training); evaluation reads in order.
     seed: shuffle seed; with the same seed the stream is the same, which exact resume needs.
     pack: pack several examples per row (seqio's packing) instead of padding each.
-    use_cached: read a SeqIO cache written offline (token caching).
+    use_cached: read a SeqIO cache written offline (`musiclm-jax tokenize`); its provenance is
+      checked first (musiclm_jax.data.token_cache.check_cache_provenance), so a cache made by
+      other tokenizer weights or other pre-cache preprocessing raises StaleCacheError.
     module: a module to import first so the task is registered (e.g. 'tasks.toy').
+    cache_dir: with use_cached, a cache root to add to SeqIO's global cache directories (the
+      CACHE_DIR given to `musiclm-jax tokenize`); None relies on the directories already added.
   """
   mixture_or_task_name: str
   task_feature_lengths: Mapping[str, int]
@@ -37,6 +41,7 @@ class DatasetConfig:
   pack: bool = False
   use_cached: bool = False
   module: Optional[str] = None
+  cache_dir: Optional[str] = None
 
 
 def _feature_converter(config: DatasetConfig):
@@ -52,6 +57,16 @@ def host_batch_size(config: DatasetConfig) -> int:
   return config.batch_size // n
 
 
+def _check_cache(config: DatasetConfig):
+  """Fails before reading a cache that is missing or was made by other tokenizers."""
+  import seqio  # pylint: disable=g-import-not-at-top
+  from musiclm_jax.data import token_cache  # pylint: disable=g-import-not-at-top
+  if config.cache_dir:
+    seqio.add_global_cache_dirs([config.cache_dir])
+  token_cache.check_dataset_cache(config.mixture_or_task_name, config.split,
+                                  expected_root=config.cache_dir)
+
+
 def get_host_dataset(config: DatasetConfig, num_epochs: Optional[int] = None,
                      drop_remainder: bool = True):
   """This process's share of the data as a batched tf.data.Dataset.
@@ -65,6 +80,8 @@ def get_host_dataset(config: DatasetConfig, num_epochs: Optional[int] = None,
   import seqio  # pylint: disable=g-import-not-at-top
   if config.module:
     importlib.import_module(config.module)
+  if config.use_cached:
+    _check_cache(config)
   shard_info = None
   if jax.process_count() > 1:
     shard_info = seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count())
