@@ -437,12 +437,9 @@ def build_audio_folder(folder: str, data_dir: str, name: Optional[str] = None,
   folder = os.path.abspath(os.path.expanduser(os.fspath(folder)))
   if name is None:
     name = builder_utils.config_name(os.path.basename(folder), dict(config, folder=folder))
-  builder = AudioFolder(config=AudioFolderConfig(name=name, **config), data_dir=data_dir)
-  # REUSE_CACHE_IF_EXISTS rebuilds the dataset (there is nothing downloaded to reuse).
-  mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
-          else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=folder, download_mode=mode))
+  builder = builder_utils.prepare(
+      lambda: AudioFolder(config=AudioFolderConfig(name=name, **config), data_dir=data_dir),
+      manual_dir=folder, overwrite=overwrite)
   return builder, builder_utils.skip_report(builder)
 
 # The report of a built or loaded builder (see builder_utils.skip_report).

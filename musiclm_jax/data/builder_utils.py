@@ -5,10 +5,13 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import re
-from typing import Any, Mapping, Optional
+import time
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
+import tensorflow_datasets as tfds
 
 from musiclm_jax.audio.io import SkipCounter
 
@@ -20,6 +23,27 @@ COMMON_FEATURE_NAMES = ('audio', 'caption', 'aspects', 'id')
 METADATA_KEYS = ('examples', 'skipped', 'skipped_examples', 'warnings', 'empty_splits')
 
 
+class PcmAudio(tfds.features.Audio):
+  """tfds.features.Audio for numpy PCM that honours `encoding`.
+
+  Audio.encode_example passes numpy arrays through without encoding them, so an array cannot be
+  stored as raw bytes (Encoding.BYTES / ZLIB) and int16 samples end up as int64 varints of up to
+  10 bytes each; this encodes arrays as the Tensor feature does (2 bytes a sample).
+  """
+
+  def encode_example(self, audio_or_path_or_fobj):
+    if isinstance(audio_or_path_or_fobj, (np.ndarray, list)):
+      return tfds.features.Tensor.encode_example(
+          self, np.asarray(audio_or_path_or_fobj, self.np_dtype))
+    return super().encode_example(audio_or_path_or_fobj)
+
+
+def pcm_audio(sample_rate: int, num_samples: Optional[int] = None) -> PcmAudio:
+  """Mono int16 audio stored as raw PCM bytes; fixed length if num_samples is given."""
+  return PcmAudio(shape=(num_samples,), dtype=np.int16, sample_rate=sample_rate,
+                  encoding=tfds.features.Encoding.BYTES)
+
+
 def common_features(sample_rate: int) -> dict[str, Any]:
   """The shared part of the FeaturesDict.
 
@@ -29,9 +53,8 @@ def common_features(sample_rate: int) -> dict[str, Any]:
   Returns:
     {'audio': mono int16 of any length, 'caption': text, 'aspects': tags, 'id': unique key}.
   """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  # pulls TensorFlow
   return {
-      'audio': tfds.features.Audio(shape=(None,), dtype=np.int16, sample_rate=sample_rate),
+      'audio': pcm_audio(sample_rate),
       'caption': tfds.features.Text(),
       'aspects': tfds.features.Sequence(tfds.features.Text()),
       'id': tfds.features.Text(),
@@ -45,7 +68,6 @@ def is_registered(name: str) -> bool:
   would register its name twice, which TFDS refuses; builders then skip registration. The
   registry has no public lookup that does not import every TFDS dataset, hence the private one.
   """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   return name in getattr(tfds.core.registered, '_DATASET_REGISTRY', {})
 
 
@@ -135,3 +157,49 @@ def check_positive(name: str, value: Optional[float], allow_none: bool = False):
     return
   if value is None or not np.isfinite(value) or value <= 0:
     raise ValueError(f'{name} must be a positive number, got {value!r}')
+
+
+def prepare(make_builder: Callable[[], Any], manual_dir: Optional[str] = None,
+            overwrite: bool = False):
+  """Builds a TFDS dataset, never losing an existing build to a failed rebuild.
+
+  TFDS's own overwrite modes delete the prepared dataset before generating the new one, so a
+  rebuild that fails half-way (a bad folder, an interrupt) leaves nothing. Here the old build is
+  moved aside, the new one generated (TFDS writes into an incomplete directory and renames it at
+  the end), and the old one deleted only after that succeeded; on failure it is moved back.
+
+  Args:
+    make_builder: makes the builder (called again after moving the old data aside, so the new
+      builder does not restore the old DatasetInfo).
+    manual_dir: TFDS's manual_dir (user-fetched files), if the builder reads one.
+    overwrite: rebuild an existing dataset; False returns an existing one as it is.
+
+  Returns:
+    the prepared builder.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  builder = make_builder()
+  config = tfds.download.DownloadConfig(
+      manual_dir=None if manual_dir is None else os.fspath(manual_dir),
+      download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+  data_dir = builder.data_dir
+  built = tf.io.gfile.exists(os.path.join(data_dir, 'dataset_info.json'))
+  if built and not overwrite:
+    return builder
+  aside = None
+  if tf.io.gfile.exists(data_dir):
+    aside = f'{data_dir}.previous-{time.strftime("%Y%m%d%H%M%S")}-{os.getpid()}'
+    tf.io.gfile.rename(data_dir, aside)
+  try:
+    builder = make_builder()
+    builder.download_and_prepare(download_config=config)
+  except BaseException:
+    if aside is not None:
+      if tf.io.gfile.exists(data_dir):
+        tf.io.gfile.rmtree(data_dir)
+      tf.io.gfile.rename(aside, data_dir)
+      logging.warning('rebuild failed: the previous build is back in place at %s', data_dir)
+    raise
+  if aside is not None:
+    tf.io.gfile.rmtree(aside)
+  return builder

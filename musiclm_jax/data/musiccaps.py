@@ -434,12 +434,9 @@ def build_musiccaps(manual_dir: str, data_dir: str, name: Optional[str] = None,
     name = builder_utils.config_name('musiccaps', config) if config else 'default'
   builder_config = 'default' if name == 'default' and not config else MusicCapsConfig(
       name=name, **config)
-  builder = MusicCaps(config=builder_config, data_dir=data_dir)
-  # REUSE_CACHE_IF_EXISTS rebuilds the dataset (there is nothing downloaded to reuse).
-  mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
-          else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=os.fspath(manual_dir), download_mode=mode))
+  builder = builder_utils.prepare(
+      lambda: MusicCaps(config=builder_config, data_dir=data_dir),
+      manual_dir=os.fspath(manual_dir), overwrite=overwrite)
   return builder, builder_utils.skip_report(builder)
 
 # The report of a built or loaded builder (see builder_utils.skip_report).
