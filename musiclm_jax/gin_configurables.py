@@ -1,5 +1,7 @@
 """Imports every module that registers gin configurables, so gin files can name them."""
 # pylint: disable=unused-import
+from musiclm_jax.audio import features  # noqa: F401  LogMelFrontEnd
+from musiclm_jax.data import build  # noqa: F401  build_dataset
 from musiclm_jax.data import frozen_tokenizer  # noqa: F401  FrozenTokenizer
 from musiclm_jax.data import seqio_input  # noqa: F401  DatasetConfig
 from musiclm_jax.data import token_cache  # noqa: F401  cache_tasks

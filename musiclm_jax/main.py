@@ -5,6 +5,9 @@ Subcommands:
   eval      gin-configured `musiclm_jax.train.trainer.evaluate`
   tokenize  gin-configured `musiclm_jax.data.token_cache.cache_tasks`: run SeqIO tasks' frozen
             tokenizers on Apache Beam and cache the tokens (--gin_file=runs/tokenize.gin)
+  build_data  gin-configured `musiclm_jax.data.build.build_dataset`: prepare an audio corpus as
+            a TFDS dataset (--gin_file=data/embedded_music.gin, data/musiccaps.gin,
+            data/audio_folder.gin)
 
 Flags (each may repeat):
   --gin_file=PATH              a gin file (searched in --gin_search_paths, the working directory
@@ -24,7 +27,16 @@ import os
 import sys
 from typing import Optional, Sequence
 
-SUBCOMMANDS = ('train', 'eval', 'tokenize')
+# Subcommand -> (module, gin-configurable function) it runs.
+COMMANDS = {
+    'train': ('musiclm_jax.train.trainer', 'train'),
+    'eval': ('musiclm_jax.train.trainer', 'evaluate'),
+    'tokenize': ('musiclm_jax.data.token_cache', 'cache_tasks'),
+    'build_data': ('musiclm_jax.data.build', 'build_dataset'),
+}
+SUBCOMMANDS = tuple(COMMANDS)
+# Data jobs report progress at INFO; training reports through its progress bar and summaries.
+_INFO_BY_DEFAULT = ('tokenize', 'build_data')
 REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             'gin_configs')
 
@@ -128,10 +140,10 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
 
 def run(argv: Sequence[str]) -> int:
   ns, bindings = parse_flags(argv)
-  level_name = ns.log_level or ('INFO' if ns.command == 'tokenize' else 'WARNING')
+  level_name = ns.log_level or ('INFO' if ns.command in _INFO_BY_DEFAULT else 'WARNING')
   level = getattr(logging, level_name.upper(), logging.WARNING)
   logging.basicConfig(level=level, format='%(levelname)s %(name)s: %(message)s')
-  if ns.command == 'tokenize' and level > logging.DEBUG:
+  if ns.command in _INFO_BY_DEFAULT and level > logging.DEBUG:
     # Progress comes from musiclm_jax's loggers; Beam's and seqio's (absl, which logs whole
     # examples) INFO lines would bury it.
     for name in ('apache_beam', 'absl', 'jax'):
@@ -147,16 +159,16 @@ def run(argv: Sequence[str]) -> int:
     except ImportError as e:
       raise UsageError(f'--module_import={module}: {e}') from e
   parse_gin(ns.gin_file, bindings, ns.gin_search_paths)
-  if ns.command == 'tokenize':
-    from musiclm_jax.data import token_cache  # pylint: disable=g-import-not-at-top
-    fn = token_cache.cache_tasks
-  else:
-    from musiclm_jax.train import trainer  # pylint: disable=g-import-not-at-top
-    fn = {'train': trainer.train, 'eval': trainer.evaluate}[ns.command]
+  module_name, fn_name = COMMANDS[ns.command]
+  fn = getattr(importlib.import_module(module_name), fn_name)
+  from musiclm_jax.data import build  # pylint: disable=g-import-not-at-top
+  from musiclm_jax.data import token_cache  # pylint: disable=g-import-not-at-top
   try:
     fn()
   except (ValueError, TypeError, RuntimeError) as e:
-    if ns.command == 'tokenize' and isinstance(e, token_cache.CacheError):
+    if isinstance(e, build.BuildError):
+      raise UsageError(f'build_data: {str(e).splitlines()[0]}') from e
+    if isinstance(e, token_cache.CacheError):
       # A refusal (an existing cache, an unregistered task): one line, nothing was changed.
       lines = [l for l in str(e).splitlines() if 'In call to configurable' not in l]
       raise UsageError('tokenize: ' + '\n'.join(lines)) from e

@@ -115,6 +115,20 @@ def random_crop(ex, seed, *, clip_samples: Optional[int] = None,
   return ex
 
 
+
+def crop_to_sequence_length(dataset, sequence_length=None, *, feature: str = 'audio'):
+  """`random_crop` to `sequence_length[feature]` samples: the model picks its clip length.
+
+  SeqIO passes the task feature lengths (DatasetConfig.task_feature_lengths, e.g.
+  {'audio': 240000} for 10 s at 24 kHz) to preprocessors that take `sequence_length`, so one
+  registered audio task serves models with different clip lengths. Without a length for
+  `feature` the audio is left whole.
+  """
+  n = (sequence_length or {}).get(feature)
+  if n is None:
+    return dataset
+  return random_crop(dataset, clip_samples=int(n), feature=feature)  # pylint: disable=unexpected-keyword-arg
+
 def _resample_numpy(x: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
   try:
     from musiclm_jax.audio import io as audio_io  # pylint: disable=g-import-not-at-top

@@ -29,6 +29,8 @@ class DatasetConfig:
       checked first (musiclm_jax.data.token_cache.check_cache_provenance), so a cache made by
       other tokenizer weights or other pre-cache preprocessing raises StaleCacheError.
     module: a module to import first so the task is registered (e.g. 'tasks.toy').
+    tfds_data_dir: the TFDS data directory the task's corpus was prepared in (`musiclm-jax
+      build_data`); None: $TFDS_DATA_DIR or ~/tensorflow_datasets.
     cache_dir: with use_cached, a cache root to add to SeqIO's global cache directories (the
       CACHE_DIR given to `musiclm-jax tokenize`); None relies on the directories already added.
   """
@@ -42,6 +44,7 @@ class DatasetConfig:
   use_cached: bool = False
   module: Optional[str] = None
   cache_dir: Optional[str] = None
+  tfds_data_dir: Optional[str] = None
 
 
 def _feature_converter(config: DatasetConfig):
@@ -80,6 +83,8 @@ def get_host_dataset(config: DatasetConfig, num_epochs: Optional[int] = None,
   import seqio  # pylint: disable=g-import-not-at-top
   if config.module:
     importlib.import_module(config.module)
+  if config.tfds_data_dir:
+    seqio.set_tfds_data_dir_override(config.tfds_data_dir)  # seqio keeps it process-global
   if config.use_cached:
     _check_cache(config)
   shard_info = None

@@ -1,0 +1,74 @@
+"""SeqIO audio tasks over the three corpora: the embedded default corpus, MusicCaps, audio folders.
+
+Every task yields `audio` (float32 in [-1, 1), 24 kHz mono), `caption`, `aspects` and `id`, plus
+the source's own fields (e.g. `melody_id` and the ground-truth attributes of `embedded_music`).
+The clip length is the model's: give `task_feature_lengths={'audio': SAMPLES}` and each example is
+randomly cropped (seeded by SeqIO) to that many samples, zero-padded if shorter; without an
+`audio` length the whole clip is kept.
+
+Registered on import:
+  embedded_music        embedded_music/default (train / validation / test); build it first with
+                        `musiclm-jax build_data --gin_file=data/embedded_music.gin`
+  embedded_music_tiny   embedded_music/tiny, the test-sized corpus
+  musiccaps             musiccaps (train / eval / eval_balanced), from the clips you fetched
+                        (`musiclm-jax build_data --gin_file=data/musiccaps.gin`)
+An audio folder gets a task from `register_audio_task(task_name, tfds_name)`, with the TFDS name
+that `musiclm-jax build_data --gin_file=data/audio_folder.gin` printed.
+
+Datasets are read from TFDS's data directory: `$TFDS_DATA_DIR` or ~/tensorflow_datasets, or
+DatasetConfig.tfds_data_dir.
+
+Tokenized tasks (frozen tokenizer + `seqio.CacheDatasetPlaceholder()`) build on these with the
+codec and tokenizer models; see musiclm_jax/data/preprocessors.py for the pattern.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import seqio
+
+# Importing a builder module registers its TFDS dataset name.
+from musiclm_jax.data import audio_folder  # noqa: F401  pylint: disable=unused-import
+from musiclm_jax.data import embedded_music  # noqa: F401  pylint: disable=unused-import
+from musiclm_jax.data import musiccaps  # noqa: F401  pylint: disable=unused-import
+from musiclm_jax.data import preprocessors
+
+AUDIO_PREPROCESSORS = (
+    preprocessors.audio_to_float,
+    preprocessors.crop_to_sequence_length,
+)
+
+
+def register_audio_task(task_name: str, tfds_name: str,
+                        splits: Optional[Sequence[str]] = None,
+                        tfds_data_dir: Optional[str] = None,
+                        extra_preprocessors: Sequence = ()) -> seqio.Task:
+  """Registers (once) a SeqIO task reading a TFDS audio corpus with the common audio schema.
+
+  Args:
+    task_name: the SeqIO task name.
+    tfds_name: 'name/config:version' of a prepared builder with the common schema
+      (musiclm_jax/data/builder_utils.COMMON_FEATURE_NAMES).
+    splits: the splits to expose (None: all the prepared dataset has).
+    tfds_data_dir: where the dataset was prepared (None: TFDS's default / DatasetConfig's).
+    extra_preprocessors: appended after the crop (e.g. tokenization and a cache placeholder).
+
+  Returns:
+    The task (the registered one if the name exists already).
+  """
+  if task_name in seqio.TaskRegistry.names():
+    return seqio.TaskRegistry.get(task_name)
+  return seqio.TaskRegistry.add(
+      task_name,
+      source=seqio.TfdsDataSource(tfds_name=tfds_name, tfds_data_dir=tfds_data_dir,
+                                  splits=splits),
+      preprocessors=list(AUDIO_PREPROCESSORS) + list(extra_preprocessors),
+      output_features=preprocessors.AUDIO_FEATURES)
+
+
+register_audio_task('embedded_music', 'embedded_music/default:1.0.0',
+                    splits=('train', 'validation', 'test'))
+register_audio_task('embedded_music_tiny', 'embedded_music/tiny:1.0.0',
+                    splits=('train', 'validation', 'test'))
+register_audio_task('musiccaps', 'musiccaps/default:1.0.0',
+                    splits=('train', 'eval', 'eval_balanced'))
