@@ -23,6 +23,7 @@ INSTALL_REQUIRES = [
     'soxr==1.1.0',
     'music21==10.5.1',             # melodies of the embedded default corpus
     'pretty_midi==0.2.11.post0',   # MIDI building + the General MIDI soundfont it ships
+    'matplotlib==3.11.2',          # corpus previews and plots
     'apache-beam==2.77.0',         # `musiclm-jax tokenize`: token caching as a Beam pipeline
 ]
 # requirements-nodeps.txt lists what the Makefile installs after this with `pip --no-deps`:

@@ -28,7 +28,8 @@ def build_dataset(name: str = gin.REQUIRED,
                   manual_dir: Optional[str] = None,
                   config: Optional[Mapping[str, Any]] = None,
                   overwrite: bool = False,
-                  summary_file: Optional[str] = None) -> dict[str, Any]:
+                  summary_file: Optional[str] = None,
+                  preview_dir: Optional[str] = None) -> dict[str, Any]:
   """Prepares a corpus as a TFDS dataset (once; a prepared one is reused) and summarises it.
 
   Args:
@@ -41,6 +42,8 @@ def build_dataset(name: str = gin.REQUIRED,
       'hop_seconds': 5.0, 'validation_fraction': 0.05}); 'name' picks the config name.
     overwrite: rebuild an existing dataset (the old one is kept until the new one is complete).
     summary_file: also write the summary as JSON here.
+    preview_dir: also write a few examples there as wav files and `preview.png` (log-mels with
+      their captions), to look at and listen to what was built.
 
   Returns:
     {'tfds_name', 'data_dir', 'splits': {split: {'examples', 'hours'}}, 'hours', 'bytes',
@@ -83,6 +86,10 @@ def build_dataset(name: str = gin.REQUIRED,
     write_text_atomically(os.path.dirname(summary_file),
                           json.dumps(summary, indent=2, sort_keys=True),
                           name=os.path.basename(summary_file))
+  if preview_dir:
+    from musiclm_jax.data import preview  # pylint: disable=g-import-not-at-top
+    png = preview.write_preview(builder, _expand(preview_dir))
+    print(f'preview: {png} (and the examples as wav files beside it)')
   return summary
 
 

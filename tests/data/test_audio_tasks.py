@@ -127,10 +127,14 @@ def test_build_data_errors_name_the_binding(music_folder, tmp_path, capsys, bind
 
 def test_embedded_music_tiny_task(tmp_path, capsys):
   rc = main.main(['build_data', '--gin_file=data/embedded_music.gin',
-                  "--gin.DATASET='embedded_music/tiny'", f"--gin.DATA_DIR='{tmp_path}'"])
+                  "--gin.DATASET='embedded_music/tiny'", f"--gin.DATA_DIR='{tmp_path}'",
+                  f"--gin.PREVIEW_DIR='{tmp_path / 'preview'}'"])
   assert rc == 0
   out = capsys.readouterr().out
   assert 'embedded_music/tiny:1.0.0' in out and 'total' in out
+  previews = sorted(os.listdir(tmp_path / 'preview'))
+  assert 'preview.png' in previews and sum(p.endswith('.wav') for p in previews) >= 2
+  assert (tmp_path / 'preview' / 'preview.png').stat().st_size > 10000
   task = audio_tasks.register_audio_task('test_embedded_music_tiny', 'embedded_music/tiny:1.0.0',
                                          tfds_data_dir=str(tmp_path))
   examples = list(tfds.as_numpy(task.get_dataset({'audio': 2 * SR}, split='train',
