@@ -12,6 +12,10 @@ Registered on import:
   embedded_music_tiny   embedded_music/tiny, the test-sized corpus
   musiccaps             musiccaps (train / eval / eval_balanced), from the clips you fetched
                         (`musiclm-jax build_data --gin_file=data/musiccaps.gin`)
+  embedded_music_best_rq, embedded_music_tiny_best_rq
+                        the same clips tokenized by a frozen BEST-RQ random-projection quantizer
+                        (50 Hz, 1024 codes; `best_rq_tokens`), cacheable with `musiclm-jax
+                        tokenize --gin_file=examples/tokenize_embedded_music_best_rq.gin`
 An audio folder gets a task from `register_audio_task(task_name, tfds_name)`, with the TFDS name
 that `musiclm-jax build_data --gin_file=data/audio_folder.gin` printed.
 
@@ -23,6 +27,7 @@ codec and tokenizer models; see musiclm_jax/data/preprocessors.py for the patter
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import seqio
@@ -32,6 +37,8 @@ from musiclm_jax.data import audio_folder  # noqa: F401  pylint: disable=unused-
 from musiclm_jax.data import embedded_music  # noqa: F401  pylint: disable=unused-import
 from musiclm_jax.data import musiccaps  # noqa: F401  pylint: disable=unused-import
 from musiclm_jax.data import preprocessors
+from musiclm_jax.data.frozen_tokenizer import FrozenTokenizer
+from musiclm_jax.nn.random_projection import RandomProjectionQuantizer
 
 AUDIO_PREPROCESSORS = (
     preprocessors.audio_to_float,
@@ -72,3 +79,50 @@ register_audio_task('embedded_music_tiny', 'embedded_music/tiny:1.0.0',
                     splits=('train', 'validation', 'test'))
 register_audio_task('musiccaps', 'musiccaps/default:1.0.0',
                     splits=('train', 'eval', 'eval_balanced'))
+
+
+BEST_RQ_FEATURE = 'best_rq_tokens'
+BEST_RQ_CODES = 1024
+
+
+def best_rq_tokenizer(clip_seconds: float, init_seed: int = 0) -> FrozenTokenizer:
+  """BEST-RQ tokens of whole clips: a random projection and codebook, never trained (seeded)."""
+  return FrozenTokenizer(model=RandomProjectionQuantizer(codebook_size=BEST_RQ_CODES),
+                         output_feature=BEST_RQ_FEATURE,
+                         input_samples=int(round(clip_seconds * preprocessors.SAMPLE_RATE)),
+                         init_seed=init_seed, batch_size=8)
+
+
+def register_tokenized_task(task_name: str, tfds_name: str, clip_seconds: float,
+                            tokenizer: FrozenTokenizer, splits: Optional[Sequence[str]] = None,
+                            tfds_data_dir: Optional[str] = None,
+                            keep_audio: bool = False) -> seqio.Task:
+  """Registers (once) a task whose audio crops are tokenized by a frozen model and cacheable.
+
+  The crop and the tokens are made before the `CacheDatasetPlaceholder`, so `musiclm-jax
+  tokenize` stores them; the audio is dropped from the cache unless `keep_audio`.
+  """
+  if task_name in seqio.TaskRegistry.names():
+    return seqio.TaskRegistry.get(task_name)
+  vocab = tokenizer.model.codebook_size if hasattr(tokenizer.model, 'codebook_size') else None
+  if vocab is None:
+    raise ValueError(f'{task_name}: cannot tell the vocabulary size of {tokenizer.model}')
+  return seqio.TaskRegistry.add(
+      task_name,
+      source=seqio.TfdsDataSource(tfds_name=tfds_name, tfds_data_dir=tfds_data_dir,
+                                  splits=splits),
+      preprocessors=[
+          preprocessors.audio_to_float,
+          functools.partial(preprocessors.random_crop, clip_seconds=clip_seconds),
+          functools.partial(preprocessors.tokenize_audio, tokenizer=tokenizer,
+                            keep_input=keep_audio),
+          seqio.CacheDatasetPlaceholder(),
+      ],
+      output_features={**preprocessors.AUDIO_FEATURES,
+                       tokenizer.output_feature: preprocessors.token_feature(vocab)})
+
+
+register_tokenized_task('embedded_music_best_rq', 'embedded_music/default:1.0.0', 10.0,
+                        best_rq_tokenizer(10.0), splits=('train', 'validation', 'test'))
+register_tokenized_task('embedded_music_tiny_best_rq', 'embedded_music/tiny:1.0.0', 4.0,
+                        best_rq_tokenizer(4.0), splits=('train', 'validation', 'test'))

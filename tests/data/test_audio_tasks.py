@@ -141,3 +141,32 @@ def test_embedded_music_tiny_task(tmp_path, capsys):
                                                  shuffle=False)))
   assert examples and all(ex['audio'].shape == (2 * SR,) for ex in examples)
   assert all(ex['caption'] and len(ex['aspects']) and ex['melody_id'] for ex in examples)
+
+
+def test_tokenize_caches_best_rq_tokens_of_the_embedded_corpus(tmp_path):
+  """The Beam cache over a real TFDS source: cached tokens equal the task's on-the-fly tokens."""
+  import seqio  # pylint: disable=g-import-not-at-top
+  data_dir, cache_dir = tmp_path / 'tfds', tmp_path / 'cache'
+  assert main.main(['build_data', '--gin_file=data/embedded_music.gin',
+                    "--gin.DATASET='embedded_music/tiny'", f"--gin.DATA_DIR='{data_dir}'"]) == 0
+  gin.clear_config(clear_constants=False)
+  assert main.main(['tokenize', '--gin_file=examples/tokenize_embedded_music_best_rq.gin',
+                    "--gin.TASKS=['embedded_music_tiny_best_rq']", '--gin.MIN_SHARDS=2',
+                    "--gin.SPLITS=['validation']", f"--gin.TFDS_DATA_DIR='{data_dir}'",
+                    f"--gin.CACHE_DIR='{cache_dir}'"]) == 0
+  task = seqio.TaskRegistry.get('embedded_music_tiny_best_rq')
+  seqio.set_tfds_data_dir_override(str(data_dir))
+  seqio.add_global_cache_dirs([str(cache_dir)])
+  assert (cache_dir / task.name / 'COMPLETED').exists()
+  cached = {ex['id']: ex for ex in tfds.as_numpy(task.get_dataset(
+      None, split='validation', use_cached=True, shuffle=False))}
+  fresh = {ex['id']: ex for ex in tfds.as_numpy(task.get_dataset(
+      None, split='validation', use_cached=False, shuffle=False))}
+  assert cached.keys() == fresh.keys() and cached
+  for key, ex in cached.items():
+    assert 'audio' not in ex  # only tokens and text are cached
+    assert ex['best_rq_tokens'].shape == (4 * 50,)
+    np.testing.assert_array_equal(ex['best_rq_tokens'], fresh[key]['best_rq_tokens'])
+  # The tokens say something about the audio: not one code repeated everywhere.
+  assert len(np.unique(np.concatenate([ex['best_rq_tokens'] for ex in cached.values()]))) > 20
+  seqio.set_tfds_data_dir_override(None)
