@@ -2,14 +2,11 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 from typing import Any, Mapping, Optional
 
 import gin
 import numpy as np
-
-logger = logging.getLogger(__name__)
 
 DATASETS = ('embedded_music', 'musiccaps', 'audio_folder')
 
@@ -78,7 +75,6 @@ def build_dataset(name: str = gin.REQUIRED,
       builder, _ = audio_folder.build_audio_folder(manual_dir, data_dir, overwrite=overwrite,
                                                    **config)
   summary = summarize(builder)
-  logger.info('%s', format_summary(summary))
   print(format_summary(summary))
   if summary_file:
     from musiclm_jax.train.trainer import write_text_atomically  # pylint: disable=g-import-not-at-top
