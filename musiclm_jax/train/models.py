@@ -61,6 +61,30 @@ class BaseModel(abc.ABC):
     first = next(iter(batch.values()))
     return int(np.prod(np.shape(first)[:2]))
 
+  # A model whose group losses are already decoupled with stop_gradient (each group's loss
+  # carries gradient to that group's parameters only, e.g. a GAN's generator loss sees the
+  # discriminator's parameters through stop_gradient and the discriminator loss sees the
+  # generated audio through stop_gradient) sets this: the trainer then differentiates the sum of
+  # the losses once instead of running the forward pass once per group.
+  losses_are_decoupled: bool = False
+
+  # Summaries (audio, spectrogram images) of one evaluation batch: a model that has them
+  # overrides `eval_summaries` and sets this.
+  has_eval_summaries: bool = False
+
+  def eval_summaries(self, params: PyTree, model_state: PyTree,
+                     batch: Mapping[str, Array]) -> dict[str, Array]:
+    """{'audio/NAME': [n, samples] in [-1, 1], 'image/NAME': [n, height, width, 3] in [0, 1]}.
+
+    Jitted by the trainer with replicated outputs; keep the outputs few and small.
+    """
+    raise NotImplementedError
+
+  @property
+  def summary_sample_rate(self) -> int:
+    """Sample rate of the 'audio/...' eval summaries."""
+    return 24000
+
 
 def cross_entropy_with_integer_labels(logits: Array, targets: Array, weights: Array,
                                       z_loss: float = 0.0) -> tuple[Array, Array, Array]:

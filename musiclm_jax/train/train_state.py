@@ -87,6 +87,11 @@ class StepFunctions:
     self.eval_step = partitioner.partition(
         self._eval_step, in_shardings=(self.state_shardings, self.batch_shardings),
         out_shardings=self.replicated)
+    self.summary_step = None
+    if model.has_eval_summaries:
+      self.summary_step = partitioner.partition(
+          self._summary_step, in_shardings=(self.state_shardings, self.batch_shardings),
+          out_shardings=self.replicated)
 
   # ---------------------------------------------------------------- shapes and shardings
   def _boxed_variables(self, rng):
@@ -132,6 +137,17 @@ class StepFunctions:
 
   def _grads(self, params, model_state, batch, rng):
     """Per group: the gradient of that group's loss with respect to that group's parameters."""
+    if self.model.losses_are_decoupled:
+      # One forward and one backward pass: each loss only reaches its own group's parameters
+      # (the model put stop_gradient where the groups meet), so d(sum)/d(group) is exactly
+      # d(group's loss)/d(group).
+      def total(all_params):
+        losses, m, ms = self.model.compute_losses(all_params, model_state, batch, rng)
+        return sum(losses[g] for g in self.groups), (losses, m, ms)
+      (_, (losses, m, new_model_state)), grads = jax.value_and_grad(total, has_aux=True)(params)
+      metrics = dict(m)
+      metrics.update({f'loss/{k}': v for k, v in losses.items()})
+      return grads, metrics, new_model_state
     grads, metrics = {}, {}
     new_model_state = model_state
     for g in self.groups:
@@ -192,3 +208,6 @@ class StepFunctions:
 
   def _eval_step(self, state: TrainState, batch):
     return self.model.eval_metrics(state.params, state.model_state, batch)
+
+  def _summary_step(self, state: TrainState, batch):
+    return self.model.eval_summaries(state.params, state.model_state, batch)

@@ -151,6 +151,7 @@ def train(*,
   checkpointer = Checkpointer(os.path.join(model_dir, 'checkpoints'), checkpoint_every_steps,
                               checkpoints_to_keep, async_checkpointing)
   writer = SummaryWriter(os.path.join(model_dir, 'train'))
+  eval_writer = SummaryWriter(os.path.join(model_dir, 'eval')) if eval_dataset else writer
 
   target = abstract_with_shardings(steps.abstract_state, steps.state_shardings)
   start_step, state, data_position = checkpointer.restore(target)
@@ -246,8 +247,9 @@ def train(*,
                           force=step == train_steps)
         if eval_dataset is not None and eval_every_steps and step % eval_every_steps == 0:
           finish_pending()
-          metrics = _evaluate_state(steps, partitioner, state, eval_dataset, eval_batches)
-          writer.scalars(step, {f'eval/{k}': v for k, v in metrics.items()})
+          metrics = _evaluate_state(steps, partitioner, state, eval_dataset, eval_batches,
+                                    eval_writer, step)
+          eval_writer.scalars(step, {f'eval/{k}': v for k, v in metrics.items()})
           if is_main:
             tqdm.write(f'eval step {step}: ' + json.dumps({k: round(v, 5)
                                                            for k, v in metrics.items()}))
@@ -265,6 +267,7 @@ def train(*,
     finally:
       checkpointer.close()
       writer.close()
+      eval_writer.close()
   if is_main and not interrupted:
     tqdm.write(f'Done: step {step}. Checkpoints: {checkpointer.directory}  '
            f'TensorBoard: tensorboard --logdir {model_dir}')
@@ -290,8 +293,14 @@ def _check_data_position(position, config: DatasetConfig, step: int):
 
 
 def _evaluate_state(steps: StepFunctions, partitioner: Partitioner, state: TrainState,
-                    dataset: DatasetConfig, num_batches: Optional[int]) -> dict[str, float]:
-  """Runs eval_step over the split; sums numerators and denominators, then divides."""
+                    dataset: DatasetConfig, num_batches: Optional[int],
+                    writer: Optional[SummaryWriter] = None,
+                    step: int = 0) -> dict[str, float]:
+  """Runs eval_step over the split; sums numerators and denominators, then divides.
+
+  With a `writer` and a model that has eval summaries (audio, spectrograms), those of the first
+  batch are written too.
+  """
   ds = get_host_dataset(dataclasses.replace(dataset, shuffle=False), num_epochs=1,
                         drop_remainder=False)
   per_host = next(iter(steps.batch_spec.values())).shape[0] // jax.process_count()
@@ -301,13 +310,28 @@ def _evaluate_state(steps: StepFunctions, partitioner: Partitioner, state: Train
       break
     # Pad a final partial batch with zeros: zero loss weights, so it adds nothing.
     host_batch = {k: _pad_rows(v, per_host) for k, v in host_batch.items()}
-    ratios = jax.device_get(steps.eval_step(state, partitioner.host_local_batch_to_global(
-        host_batch, steps.batch_shardings)))
+    batch = partitioner.host_local_batch_to_global(host_batch, steps.batch_shardings)
+    ratios = jax.device_get(steps.eval_step(state, batch))
+    if i == 0 and writer is not None and steps.summary_step is not None:
+      _write_summaries(writer, step, jax.device_get(steps.summary_step(state, batch)),
+                       steps.model.summary_sample_rate)
     for name, (num, den) in ratios.items():
       acc = sums.setdefault(name, [0.0, 0.0])
       acc[0] += float(num)
       acc[1] += float(den)
   return {k: num / max(den, 1e-12) for k, (num, den) in sums.items()}
+
+
+def _write_summaries(writer: SummaryWriter, step: int, summaries: dict[str, Any],
+                     sample_rate: int):
+  for name, value in summaries.items():
+    kind, _, tag = name.partition('/')
+    if kind == 'audio':
+      writer.audio(step, tag, np.asarray(value), sample_rate, max_outputs=len(value))
+    elif kind == 'image':
+      writer.image(step, tag, np.asarray(value), max_outputs=len(value))
+    else:
+      raise ValueError(f'eval summary {name!r}: expected an audio/ or image/ prefix')
 
 
 def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
@@ -343,8 +367,8 @@ def evaluate(*,
   checkpointer.close()
   if state is None:
     raise FileNotFoundError(f'No readable checkpoint in {checkpointer.directory}')
-  metrics = _evaluate_state(steps, partitioner, state, eval_dataset, eval_batches)
   writer = SummaryWriter(os.path.join(model_dir, 'eval'))
+  metrics = _evaluate_state(steps, partitioner, state, eval_dataset, eval_batches, writer, step)
   writer.scalars(step, {f'eval/{k}': v for k, v in metrics.items()})
   writer.close()
   result = {'step': step, 'split': eval_dataset.split, **metrics}
