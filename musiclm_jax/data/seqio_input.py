@@ -31,6 +31,9 @@ class DatasetConfig:
     module: a module to import first so the task is registered (e.g. 'tasks.toy').
     tfds_data_dir: the TFDS data directory the task's corpus was prepared in (`musiclm-jax
       build_data`); None: $TFDS_DATA_DIR or ~/tensorflow_datasets.
+    feature_converter: 'lm' (seqio's LMFeatureConverter: decoder inputs, targets, loss weights)
+      or 'audio' (only the features named in task_feature_lengths, each of exactly that length:
+      e.g. {'audio': 48000} gives [batch, 48000] float32 crops for the codec).
     cache_dir: with use_cached, a cache root to add to SeqIO's global cache directories (the
       CACHE_DIR given to `musiclm-jax tokenize`); None relies on the directories already added.
   """
@@ -45,11 +48,34 @@ class DatasetConfig:
   module: Optional[str] = None
   cache_dir: Optional[str] = None
   tfds_data_dir: Optional[str] = None
+  feature_converter: str = 'lm'
+
+
+FEATURE_CONVERTERS = ('lm', 'audio')
 
 
 def _feature_converter(config: DatasetConfig):
   import seqio  # pylint: disable=g-import-not-at-top  # pulls TensorFlow
-  return seqio.LMFeatureConverter(pack=config.pack)
+  if config.feature_converter == 'lm':
+    return seqio.LMFeatureConverter(pack=config.pack)
+  if config.feature_converter == 'audio':
+    # The task crops to the lengths itself (crop_to_sequence_length); _select_features keeps
+    # only those features, with static shapes, so that they batch.
+    return seqio.PassThroughFeatureConverter()
+  raise ValueError(f'DatasetConfig.feature_converter={config.feature_converter!r}: one of '
+                   f'{FEATURE_CONVERTERS}')
+
+
+def _select_features(ds, lengths: Mapping[str, int]):
+  tf = quiet_tensorflow()
+
+  def select(ex):
+    missing = [k for k in lengths if k not in ex]
+    if missing:
+      raise KeyError(f'features {missing} are not in the task\'s examples ({sorted(ex)})')
+    return {k: tf.ensure_shape(ex[k], [lengths[k]]) for k in lengths}
+
+  return ds.map(select, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def host_batch_size(config: DatasetConfig) -> int:
@@ -95,6 +121,8 @@ def get_host_dataset(config: DatasetConfig, num_epochs: Optional[int] = None,
       feature_converter=_feature_converter(config), dataset_split=config.split,
       use_cached=config.use_cached, shuffle=config.shuffle, num_epochs=num_epochs,
       shard_info=shard_info, verbose=False, seed=config.seed)
+  if config.feature_converter == 'audio':
+    ds = _select_features(ds, config.task_feature_lengths)
   ds = ds.batch(host_batch_size(config), drop_remainder=drop_remainder)
   return ds.prefetch(tf.data.AUTOTUNE)
 
