@@ -14,3 +14,16 @@ from musiclm_jax.main import setup_compilation_cache  # noqa: E402
 
 setup_compilation_cache()
 assert jax.device_count() == 8, 'tests need 8 simulated devices: JAX started before conftest'
+
+
+import pytest  # noqa: E402  pylint: disable=g-import-not-at-top,g-bad-import-order
+
+
+@pytest.fixture(scope='session')
+def tiny_corpus_dir(tmp_path_factory) -> str:
+  """A TFDS data directory holding embedded_music/tiny (built once per test session, ~10 s)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from musiclm_jax.data import embedded_music  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  data_dir = str(tmp_path_factory.mktemp('tiny_corpus'))
+  tfds.builder('embedded_music/tiny', data_dir=data_dir).download_and_prepare()
+  return data_dir

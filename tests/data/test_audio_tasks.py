@@ -143,13 +143,10 @@ def test_embedded_music_tiny_task(tmp_path, capsys):
   assert all(ex['caption'] and len(ex['aspects']) and ex['melody_id'] for ex in examples)
 
 
-def test_tokenize_caches_best_rq_tokens_of_the_embedded_corpus(tmp_path):
+def test_tokenize_caches_best_rq_tokens_of_the_embedded_corpus(tmp_path, tiny_corpus_dir):
   """The Beam cache over a real TFDS source: cached tokens equal the task's on-the-fly tokens."""
   import seqio  # pylint: disable=g-import-not-at-top
-  data_dir, cache_dir = tmp_path / 'tfds', tmp_path / 'cache'
-  assert main.main(['build_data', '--gin_file=data/embedded_music.gin',
-                    "--gin.DATASET='embedded_music/tiny'", f"--gin.DATA_DIR='{data_dir}'"]) == 0
-  gin.clear_config(clear_constants=False)
+  data_dir, cache_dir = tiny_corpus_dir, tmp_path / 'cache'
   assert main.main(['tokenize', '--gin_file=examples/tokenize_embedded_music_best_rq.gin',
                     "--gin.TASKS=['embedded_music_tiny_best_rq']", '--gin.MIN_SHARDS=2',
                     "--gin.SPLITS=['validation']", f"--gin.TFDS_DATA_DIR='{data_dir}'",
