@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import logging
 import os
 import sys
@@ -98,11 +99,36 @@ class _GinSearchNoise(logging.Filter):
     return not record.pathname.endswith(os.path.join('gin', 'resource_reader.py'))
 
 
+def _guard_gin_package_paths():
+  """Makes gin skip, not crash on, a relative path whose first part is a namespace package.
+
+  gin tries 'runs/train.gin' as the resource `train.gin` of a Python package `runs`; when the
+  working directory is on sys.path and holds a plain ./runs directory (a run directory), that is
+  a namespace package without a file, and gin 0.5 fails with a TypeError instead of moving on to
+  its search paths. Raising ValueError ("no such package") lets it move on.
+  """
+  from gin import resource_reader  # pylint: disable=g-import-not-at-top
+  original = resource_reader._parse_config_path  # pylint: disable=protected-access
+  if getattr(original, 'guarded', False):
+    return
+
+  def parse_config_path(config_path):
+    head = os.path.split(config_path)[0]
+    spec = importlib.util.find_spec(head.replace('/', '.')) if head else None
+    if spec is None or spec.origin is None:
+      raise ValueError('Package not found', head)
+    return original(config_path)
+
+  parse_config_path.guarded = True
+  resource_reader._parse_config_path = parse_config_path  # pylint: disable=protected-access
+
+
 def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
               search_paths: Sequence[str] = ()):
   """Parses gin files and bindings; raises UsageError naming the file or binding at fault."""
   import gin  # pylint: disable=g-import-not-at-top
   import musiclm_jax.gin_configurables  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  _guard_gin_package_paths()
   paths = []
   for entry in search_paths:
     paths.extend(p for p in entry.split(',') if p)
@@ -111,13 +137,18 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
     if p not in _ADDED_SEARCH_PATHS:  # gin keeps a global list; add each directory once
       gin.add_config_file_search_path(p)
       _ADDED_SEARCH_PATHS.add(p)
+  resolved = []
   for f in gin_files:
-    if not any(os.path.exists(os.path.join(p, f)) for p in [''] + paths):
+    found = [os.path.join(p, f) for p in [''] + paths if os.path.isfile(os.path.join(p, f))]
+    if not found:
       raise UsageError(f'--gin_file={f}: not found (searched {", ".join(paths)})')
+    # Absolute paths: gin reads a relative 'a/b.gin' as resource b.gin of a Python package `a`
+    # when one is importable, and a run directory such as ./runs is (a namespace package).
+    resolved.append(os.path.abspath(found[0]))
   noise = _GinSearchNoise()
   logging.getLogger().addFilter(noise)
   try:
-    gin.parse_config_files_and_bindings(gin_files, None, finalize_config=False)
+    gin.parse_config_files_and_bindings(resolved, None, finalize_config=False)
   except Exception as e:  # pylint: disable=broad-except
     raise UsageError(f'gin file error in {", ".join(gin_files)}: {e}') from e
   finally:

@@ -51,3 +51,14 @@ def test_eval_subcommand_on_a_trained_run(tmp_path):
   assert rc == 0
   result = json.loads((tmp_path / 'eval_results.json').read_text())
   assert result['step'] == 4 and 0.0 <= result['accuracy'] <= 1.0 and result['loss'] > 0
+
+
+def test_a_runs_directory_in_the_working_directory_does_not_break_gin(tmp_path, monkeypatch):
+  # ./runs is where people put run directories; on sys.path it is a namespace package, which
+  # gin 0.5 would try (and fail) to read 'runs/train.gin' from.
+  (tmp_path / 'runs').mkdir()
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  main.parse_gin(['runs/train.gin', 'models/toy_lm.gin', 'examples/toy_task.gin'],
+                 ["MODEL_DIR='unused'"])
+  assert gin.query_parameter('%TRAIN_STEPS') == 1000
