@@ -1,6 +1,10 @@
 """Imports every module that registers gin configurables, so gin files can name them."""
 # pylint: disable=unused-import
 from musiclm_jax.audio import features  # noqa: F401  LogMelFrontEnd
+from musiclm_jax.codec import discriminators  # noqa: F401  CodecDiscriminators, ...
+from musiclm_jax.codec import losses  # noqa: F401  multi_scale_mel_loss
+from musiclm_jax.codec import model as codec_model  # noqa: F401  CodecModel
+from musiclm_jax.codec import soundstream  # noqa: F401  SoundStream
 from musiclm_jax.data import build  # noqa: F401  build_dataset
 from musiclm_jax.data import frozen_tokenizer  # noqa: F401  FrozenTokenizer
 from musiclm_jax.data import seqio_input  # noqa: F401  DatasetConfig
