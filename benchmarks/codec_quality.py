@@ -1,0 +1,142 @@
+"""Codec quality and speed: a trained codec at 1.5 / 3 / 6 kbps vs Opus at the same bitrates.
+
+On clips of the embedded corpus's test split (10 s, 24 kHz), prints one table: multi-scale mel
+distance and SI-SNR against the input (lower / higher is better), for the input itself (the
+metrics' floor), Opus (opusenc --hard-cbr, opusdec --rate 24000) and the codec with 3, 6 and 12
+RVQ levels; then the codec's encode and decode speed on this machine (x real time, 10 s, jitted,
+after warm-up).
+
+Opus comes from Debian's opus-tools: `sudo apt-get install opus-tools`.
+
+  .venv/bin/python benchmarks/codec_quality.py --model_dir=runs/codec_tiny \
+    --tfds_data_dir=~/tensorflow_datasets --num_clips=30
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+BITRATES_KBPS = (1.5, 3.0, 6.0)
+
+
+def opus_roundtrip(audio: np.ndarray, sample_rate: int, kbps: float, workdir: str) -> np.ndarray:
+  """Encodes and decodes with the opus-tools command-line programs; same length as the input."""
+  import soundfile as sf  # pylint: disable=g-import-not-at-top
+  src, enc, dec = (os.path.join(workdir, n) for n in ('in.wav', 'out.opus', 'out.wav'))
+  sf.write(src, audio, sample_rate, subtype='PCM_16')
+  subprocess.run(['opusenc', '--quiet', '--bitrate', f'{kbps:g}', '--hard-cbr', src, enc],
+                 check=True)
+  subprocess.run(['opusdec', '--quiet', '--rate', str(sample_rate), enc, dec], check=True)
+  out, rate = sf.read(dec, dtype='float32')
+  assert rate == sample_rate, rate
+  if out.ndim == 2:
+    out = out.mean(axis=1)
+  out = out[:len(audio)]
+  return np.pad(out, (0, len(audio) - len(out)))
+
+
+def load_clips(tfds_data_dir, split: str, num_clips: int) -> np.ndarray:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from musiclm_jax.data import embedded_music  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  builder = tfds.builder('embedded_music/default', data_dir=tfds_data_dir)
+  ds = builder.as_dataset(split=split, shuffle_files=False).take(num_clips)
+  return np.stack([ex['audio'].astype(np.float32) / 32768.0 for ex in tfds.as_numpy(ds)])
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--model_dir', required=True)
+  parser.add_argument('--step', type=int, default=None)
+  parser.add_argument('--tfds_data_dir', default=None)
+  parser.add_argument('--split', default='test')
+  parser.add_argument('--num_clips', type=int, default=30)
+  parser.add_argument('--batch', type=int, default=6)
+  parser.add_argument('--json', default=None, help='also write the table here')
+  args = parser.parse_args(argv)
+  tfds_data_dir = os.path.expanduser(args.tfds_data_dir) if args.tfds_data_dir else None
+
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from musiclm_jax.codec import losses  # pylint: disable=g-import-not-at-top
+  from musiclm_jax.codec import model as codec_model  # pylint: disable=g-import-not-at-top
+
+  model, params, model_state, step = codec_model.load_codec(args.model_dir, args.step)
+  rate = model.sample_rate
+  clips = load_clips(tfds_data_dir, args.split, args.num_clips)
+  n_params = sum(x.size for x in jax.tree_util.tree_leaves(params['generator']))
+
+  metric_fn = jax.jit(lambda ref, est: (losses.multi_scale_mel_distance(ref, est, sample_rate=rate),
+                                        losses.si_snr(ref, est)))
+  codec_fns = {}
+  for kbps in BITRATES_KBPS:
+    n = int(round(kbps * 1000 / model.generator.bitrate(1)))
+    codec_fns[kbps] = (n, jax.jit(lambda a, n=n: model.reconstruct(params, model_state, a,
+                                                                   n)['audio']))
+
+  def score(estimates: np.ndarray):
+    dist, snr = [], []
+    for i in range(0, len(clips), args.batch):
+      d, s = metric_fn(jnp.asarray(clips[i:i + args.batch]),
+                       jnp.asarray(estimates[i:i + args.batch]))
+      dist.append(np.asarray(d))
+      snr.append(np.asarray(s))
+    return float(np.mean(np.concatenate(dist))), float(np.mean(np.concatenate(snr)))
+
+  rows = [('input itself', '-', *score(clips))]
+  have_opus = shutil.which('opusenc') and shutil.which('opusdec')
+  for kbps in BITRATES_KBPS:
+    if have_opus:
+      with tempfile.TemporaryDirectory() as tmp:
+        opus = np.stack([opus_roundtrip(c, rate, kbps, tmp) for c in clips])
+      rows.append((f'Opus {kbps:g} kbps', f'{kbps:g}', *score(opus)))
+    n, fn = codec_fns[kbps]
+    recon = np.concatenate([np.asarray(fn(jnp.asarray(clips[i:i + args.batch])))
+                            for i in range(0, len(clips), args.batch)])
+    rows.append((f'codec {n} levels', f'{model.generator.bitrate(n) / 1000:g}', *score(recon)))
+  if not have_opus:
+    print('opusenc/opusdec not found (apt-get install opus-tools): Opus rows left out',
+          file=sys.stderr)
+
+  # Speed: 10 s of audio, batch 1, all levels, jitted, timed after a warm-up call.
+  ten = jnp.asarray(clips[:1, :10 * rate])
+  variables = model.generator_variables(params, model_state)
+  enc = jax.jit(lambda a: model.generator.apply(variables, a, method=type(model.generator).encode))
+  dec = jax.jit(lambda c: model.generator.apply(variables, c, method=type(model.generator).decode))
+  codes = jax.block_until_ready(enc(ten))
+  jax.block_until_ready(dec(codes))
+  timings = {}
+  for name, fn, arg in (('encode', enc, ten), ('decode', dec, codes)):
+    best = float('inf')
+    for _ in range(5):
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(arg))
+      best = min(best, time.perf_counter() - t0)
+    timings[name] = 10.0 / best
+
+  print(f'codec {args.model_dir} step {step}: generator {n_params / 1e6:.2f}M parameters; '
+        f'{len(clips)} clips of {clips.shape[1] / rate:g} s from embedded_music/{args.split}; '
+        f'{jax.device_count()} x {jax.devices()[0].platform}')
+  print(f'{"system":<20}{"kbps":>6}{"mel distance":>14}{"SI-SNR dB":>11}')
+  for name, kbps, dist, snr in rows:
+    snr_text = f'{snr:>11.2f}' if np.isfinite(snr) and snr < 200 else f'{"inf":>11}'
+    print(f'{name:<20}{kbps:>6}{dist:>14.3f}{snr_text}')
+  print(f'encode {timings["encode"]:.1f}x real time, decode {timings["decode"]:.1f}x real time '
+        '(10 s, batch 1, all levels)')
+  if args.json:
+    with open(args.json, 'w', encoding='utf-8') as f:
+      json.dump({'step': step, 'rows': rows, 'speed_x_realtime': timings,
+                 'generator_params': n_params}, f, indent=2)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
