@@ -114,6 +114,7 @@ def train(*,
           log_every_steps: int = 10,
           max_consecutive_skipped_steps: int = 10,
           progress_bar: bool = True,
+          time_limit_seconds: Optional[float] = None,
           step_hooks: Sequence[StepHook] = (),
           step_hooks_extra: Sequence[StepHook] = ()) -> TrainResult:
   """Trains `model` on `train_dataset` to `train_steps`, resuming from MODEL_DIR if it can.
@@ -135,6 +136,8 @@ def train(*,
     max_consecutive_skipped_steps: stop (without saving) when more steps than this in a row had
       non-finite loss or gradients; the last good checkpoint stays.
     progress_bar: show a terminal progress bar with ETA (process 0).
+    time_limit_seconds: stop (saving a checkpoint, as on SIGTERM) once this much wall-clock time
+      has passed since the loop started; a later run with the same command resumes.
     step_hooks: callables (step, metrics) run on the host after each step.
     step_hooks_extra: more hooks from Python callers (not gin-bindable).
 
@@ -223,6 +226,7 @@ def train(*,
       tqdm.write(' | '.join(parts))
     window.update(t0=time.perf_counter(), steps=0, tokens=0, sums={})
 
+  loop_start = time.perf_counter()
   with _StopSignals() as signals, _progress(train_steps, start_step,
                                             progress_bar and is_main) as bar:
     try:
@@ -256,6 +260,16 @@ def train(*,
         bar.update(1)
         if losses:
           bar.set_postfix(loss=f'{losses[max(losses)]:.4f}', refresh=False)
+        out_of_time = (time_limit_seconds is not None and step < train_steps and
+                       time.perf_counter() - loop_start > time_limit_seconds)
+        if out_of_time and signals.received is None:
+          finish_pending()
+          checkpointer.save(step, state, _data_position(train_dataset, step), force=True)
+          interrupted = True
+          if is_main:
+            tqdm.write(f'Stopped at step {step}: train.time_limit_seconds={time_limit_seconds:g} '
+                       'reached; checkpoint saved.')
+          break
         if signals.received is not None and step < train_steps:
           finish_pending()
           checkpointer.save(step, state, _data_position(train_dataset, step), force=True)
