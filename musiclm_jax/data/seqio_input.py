@@ -105,12 +105,22 @@ def get_host_dataset(config: DatasetConfig, num_epochs: Optional[int] = None,
     num_epochs: None repeats forever (training); 1 reads the split once (evaluation).
     drop_remainder: drop a final partial batch.
   """
-  tf = quiet_tensorflow()
   import seqio  # pylint: disable=g-import-not-at-top
   if config.module:
     importlib.import_module(config.module)
+  # seqio keeps the TFDS data directory process-global: set it for this pipeline only.
+  previous_tfds_dir = seqio.utils._TFDS_DATA_DIR_OVERRIDE  # pylint: disable=protected-access
   if config.tfds_data_dir:
-    seqio.set_tfds_data_dir_override(config.tfds_data_dir)  # seqio keeps it process-global
+    seqio.set_tfds_data_dir_override(config.tfds_data_dir)
+  try:
+    return _host_dataset(config, num_epochs, drop_remainder)
+  finally:
+    seqio.set_tfds_data_dir_override(previous_tfds_dir)
+
+
+def _host_dataset(config: DatasetConfig, num_epochs: Optional[int], drop_remainder: bool):
+  tf = quiet_tensorflow()
+  import seqio  # pylint: disable=g-import-not-at-top
   if config.use_cached:
     _check_cache(config)
   shard_info = None
