@@ -10,6 +10,7 @@ import soundfile as sf
 
 from musiclm_jax.audio import io as audio_io
 from musiclm_jax.audio.io import AudioError, AudioLimits
+from tests.audio.bad_files import _patch_fmt  # rewrites a wav header's rate / channels
 
 SR = 24000
 
@@ -24,20 +25,6 @@ def _write(path, audio, sr=SR, subtype=None):
   audio = np.asarray(audio)
   sf.write(str(path), audio.T if audio.ndim == 2 else audio, sr, subtype=subtype)
   return str(path)
-
-
-def _patch_fmt(path, sample_rate=None, channels=None):
-  """Rewrites a wav's 'fmt ' chunk fields in place (rates/channel counts soundfile won't write)."""
-  data = bytearray(open(path, 'rb').read())
-  fmt = data.index(b'fmt ') + 8  # chunk id + size, then the WAVEFORMAT fields
-  if channels is not None:
-    data[fmt + 2:fmt + 4] = struct.pack('<H', channels)
-  if sample_rate is not None:
-    block_align = struct.unpack('<H', data[fmt + 12:fmt + 14])[0]
-    data[fmt + 4:fmt + 8] = struct.pack('<I', sample_rate)
-    data[fmt + 8:fmt + 12] = struct.pack('<I', (sample_rate * block_align) & 0xFFFFFFFF)
-  open(path, 'wb').write(bytes(data))
-  return path
 
 
 def _cut(src, dst, keep):
