@@ -73,9 +73,9 @@ def register_audio_task(task_name: str, tfds_name: str,
       output_features=preprocessors.AUDIO_FEATURES)
 
 
-register_audio_task('embedded_music', 'embedded_music/default:1.0.0',
+register_audio_task('embedded_music', 'embedded_music/default:1.1.0',
                     splits=('train', 'validation', 'test'))
-register_audio_task('embedded_music_tiny', 'embedded_music/tiny:1.0.0',
+register_audio_task('embedded_music_tiny', 'embedded_music/tiny:1.1.0',
                     splits=('train', 'validation', 'test'))
 register_audio_task('musiccaps', 'musiccaps/default:1.0.0',
                     splits=('train', 'eval', 'eval_balanced'))
@@ -122,7 +122,7 @@ def register_tokenized_task(task_name: str, tfds_name: str, clip_seconds: float,
                        tokenizer.output_feature: preprocessors.token_feature(vocab)})
 
 
-register_tokenized_task('embedded_music_best_rq', 'embedded_music/default:1.0.0', 10.0,
+register_tokenized_task('embedded_music_best_rq', 'embedded_music/default:1.1.0', 10.0,
                         best_rq_tokenizer(10.0), splits=('train', 'validation', 'test'))
-register_tokenized_task('embedded_music_tiny_best_rq', 'embedded_music/tiny:1.0.0', 4.0,
+register_tokenized_task('embedded_music_tiny_best_rq', 'embedded_music/tiny:1.1.0', 4.0,
                         best_rq_tokenizer(4.0), splits=('train', 'validation', 'test'))

@@ -131,11 +131,11 @@ def test_embedded_music_tiny_task(tmp_path, capsys):
                   f"--gin.PREVIEW_DIR='{tmp_path / 'preview'}'"])
   assert rc == 0
   out = capsys.readouterr().out
-  assert 'embedded_music/tiny:1.0.0' in out and 'total' in out
+  assert 'embedded_music/tiny:1.1.0' in out and 'total' in out
   previews = sorted(os.listdir(tmp_path / 'preview'))
   assert 'preview.png' in previews and sum(p.endswith('.wav') for p in previews) >= 2
   assert (tmp_path / 'preview' / 'preview.png').stat().st_size > 10000
-  task = audio_tasks.register_audio_task('test_embedded_music_tiny', 'embedded_music/tiny:1.0.0',
+  task = audio_tasks.register_audio_task('test_embedded_music_tiny', 'embedded_music/tiny:1.1.0',
                                          tfds_data_dir=str(tmp_path))
   examples = list(tfds.as_numpy(task.get_dataset({'audio': 2 * SR}, split='train',
                                                  shuffle=False)))

@@ -180,6 +180,110 @@ def test_rendered_tempo_and_key_are_the_attributes():
   assert (attributes.key_tonic, attributes.mode, attributes.tempo_bpm) == ('D', 'major', 120.0)
 
 
+def test_melody_notes_feature_is_the_sounding_melody(tiny, examples):
+  config = tiny.builder_config
+  assert tiny.info.version == '1.1.0' and '1.0.0' in tiny.info.release_notes
+  assert tiny.info.features['melody_notes'].shape == (None, 3)
+  for split in SPLITS:
+    for ex in examples[split]:
+      notes = ex['melody_notes']
+      assert notes.dtype == np.float32 and notes.ndim == 2 and notes.shape[1] == 3, ex['id']
+      assert len(notes) >= 3, ex['id']
+      starts, ends, pitches = notes.T
+      assert np.all(starts >= 0) and np.all(ends <= config.clip_seconds), ex['id']
+      assert np.all(ends > starts) and np.all(np.diff(starts) >= 0), ex['id']
+      assert np.all(pitches == np.round(pitches)), ex['id']
+      assert np.all((pitches >= 0) & (pitches <= 127)), ex['id']
+
+
+def test_melody_voice_notes_by_hand():
+  melody = em.Melody.from_notes([60, 62, 64, 65], [1.0, 0.5, 0.5, 2.0])  # one 4/4 bar, looped
+  # An instrument at 120 BPM (0.5 s a quarter), up a tone: notes held 92% of their length.
+  spec = em.RenderSpec(timbre='instrument', programs=(73,), tempo_bpm=120.0, transposition=2,
+                       clip_seconds=4.0)
+  bar = [[0.0, 0.46, 62], [0.5, 0.73, 64], [0.75, 0.98, 66], [1.0, 1.92, 67]]
+  expected = np.asarray(bar + [[s + 2.0, e + 2.0, p] for s, e, p in bar], np.float32)
+  notes = em.melody_voice_notes(melody, spec)
+  assert notes.dtype == np.float32
+  np.testing.assert_allclose(notes, expected, atol=1e-6)
+  # The octave doubling is the second instrument's, not the melody's; drums change nothing.
+  doubled = dataclasses.replace(spec, programs=(73, 0), accompaniment='octave', drums=True)
+  np.testing.assert_array_equal(em.melody_voice_notes(melody, doubled), notes)
+  # The renderer plays exactly these notes on the melody channel.
+  lead, second, _ = render_lib._instrument_notes(  # pylint: disable=protected-access
+      melody, doubled, np.random.default_rng(0))
+  np.testing.assert_array_equal(
+      np.asarray([(n.start, n.end, n.pitch) for n in lead], np.float32), notes)
+  assert [n.pitch for n in second] == [n.pitch - 12 for n in lead]
+  # A voice holds notes their full length; the clip starts at quarter 1 and the last note is
+  # cut at the clip's end (2.1 s); the register shift is in the transposition.
+  for timbre in ('hum', 'whistle'):
+    voice = em.RenderSpec(timbre=timbre, programs=(), tempo_bpm=120.0, transposition=-12,
+                          start_quarters=1.0, clip_seconds=2.1)
+    np.testing.assert_allclose(
+        em.melody_voice_notes(melody, voice),
+        [[0.0, 0.25, 50], [0.25, 0.5, 52], [0.5, 1.5, 53], [1.5, 2.0, 48], [2.0, 2.1, 50]],
+        atol=1e-6)
+
+
+def test_a_note_starting_on_the_clip_end_is_left_out():
+  # 68 BPM, 10 s: the clip is 11.333333333333334 quarters; a note one ulp earlier starts at
+  # 9.999999999999998 s, the renderer's sample 240000 (not played), and 10.0 s in float32.
+  clip_quarters = 10.0 * 68.0 / 60.0
+  last = float(np.nextafter(clip_quarters, 0.0))
+  melody = em.Melody.from_notes([60, 62, 64], [1.0, last - 1.0, 2.0])
+  spec = em.RenderSpec(programs=(73,), tempo_bpm=68.0, clip_seconds=10.0)
+  notes = em.melody_voice_notes(melody, spec)
+  assert notes[:, 2].tolist() == [60.0, 62.0] and np.all(notes[:, 1] > notes[:, 0])
+
+
+def test_frame_pitches_by_hand():
+  notes = np.asarray([[1.8, 2.2, 65],  # overlaps the 64 and starts later: wins from 1.8 s
+                      [0.0, 0.5, 60], [0.5, 1.0, 62],
+                      [1.0, 1.125, 70],  # ends exactly on frame 4's centre: not in it
+                      [1.5, 2.0, 64],
+                      [2.375, 2.4, 71]],  # starts exactly on frame 9's centre: in it
+                     np.float32)
+  # 4 frames a second: frame t covers [t / 4, (t + 1) / 4), centre (t + 0.5) / 4.
+  labels = em.frame_pitches(notes, 12, 4.0)
+  assert labels.dtype == np.int32
+  assert labels.tolist() == [60, 60, 62, 62, -1, -1, 64, 65, 65, 71, -1, -1]
+  assert em.frame_pitches(np.zeros((0, 3), np.float32), 5, 50.0).tolist() == [-1] * 5
+  assert em.frame_pitches(notes, 0, 4.0).shape == (0,)
+
+
+# Chromatic percussion (celesta ... xylophone) and kalimba: inharmonic, fast-decaying tones whose
+# pitch trackers follow partials, not the note.
+_MALLETS = set(range(8, 16)) | {108}
+
+
+def test_melody_notes_match_the_audio_pitch(examples):
+  """On solo renderings, the tracked pitch class agrees with frame_pitches on most note frames."""
+  import librosa  # pylint: disable=g-import-not-at-top
+  hop, sample_rate = 240, 24000
+  checked = collections.Counter()
+  for split in SPLITS:
+    for ex in examples[split]:
+      timbre = _text(ex['timbre'])
+      solo = (_text(ex['accompaniment']) == 'none' and not ex['drums']
+              and not set(ex['gm_programs'].tolist()) & _MALLETS)
+      if timbre == 'instrument' and not solo:
+        continue
+      audio = ex['audio'].astype(np.float32) / 32768.0
+      # librosa centres frame t on sample t * hop; dropping half a hop puts it on frame_pitches'
+      # centre (t + 0.5) * hop.
+      f0 = librosa.yin(audio[hop // 2:], fmin=60, fmax=2500, sr=sample_rate, frame_length=2048,
+                       hop_length=hop)
+      labels = em.frame_pitches(ex['melody_notes'], len(f0), sample_rate / hop)
+      sounding = labels >= 0
+      assert sounding.mean() > 0.5, ex['id']
+      tracked = np.rint(librosa.hz_to_midi(f0[sounding])).astype(np.int64)
+      agreement = np.mean((tracked - labels[sounding]) % 12 == 0)
+      assert agreement > 0.6, (ex['id'], timbre, agreement)
+      checked['voice' if timbre != 'instrument' else 'instrument'] += 1
+  assert checked['voice'] >= 2 and checked['instrument'] >= 2, checked
+
+
 def test_drum_pattern_fits_the_meter():
   rng = np.random.default_rng(0)
   six_eight = render_lib._drum_pattern('6/8', rng)  # pylint: disable=protected-access

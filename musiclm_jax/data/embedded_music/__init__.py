@@ -6,7 +6,9 @@ Importing this package registers the builder:
   tfds.builder('embedded_music/tiny', data_dir=...).download_and_prepare()
 
 The pieces also work without TFDS: list_tunes / collect_melodies pick and parse melodies,
-sample_render_spec / render_rendering render one, write_caption / check_consistency describe it.
+sample_render_spec / render_rendering render one, write_caption / check_consistency describe it,
+melody_voice_notes gives the melody notes it sounds (the `melody_notes` feature) and
+frame_pitches turns those into per-frame pitch labels.
 """
 from musiclm_jax.data.embedded_music.builder import (DEFAULT, DEFAULT_WITH_ESSEN, TINY,
                                                      EmbeddedMusic, EmbeddedMusicConfig,
@@ -18,9 +20,10 @@ from musiclm_jax.data.embedded_music.melodies import (DEFAULT_COLLECTIONS, ESSEN
                                                       CorpusTune, Melody, SkipMelody,
                                                       collect_melodies, list_tunes, load_melody,
                                                       melody_from_score, selection_order)
+from musiclm_jax.data.embedded_music.notes import frame_pitches
 from musiclm_jax.data.embedded_music.render import (RenderSpec, attributes_of,
-                                                    render_rendering, sample_render_spec,
-                                                    to_int16)
+                                                    melody_voice_notes, render_rendering,
+                                                    sample_render_spec, to_int16)
 
 __all__ = [
     'DEFAULT', 'DEFAULT_WITH_ESSEN', 'TINY', 'EmbeddedMusic', 'EmbeddedMusicConfig',
@@ -28,5 +31,6 @@ __all__ = [
     'RenderingAttributes', 'check_consistency', 'tempo_band', 'write_caption',
     'DEFAULT_COLLECTIONS', 'ESSEN_COLLECTION', 'CorpusTune', 'Melody', 'SkipMelody',
     'collect_melodies', 'list_tunes', 'load_melody', 'melody_from_score', 'selection_order',
-    'RenderSpec', 'attributes_of', 'render_rendering', 'sample_render_spec', 'to_int16',
+    'frame_pitches', 'RenderSpec', 'attributes_of', 'melody_voice_notes', 'render_rendering',
+    'sample_render_spec', 'to_int16',
 ]

@@ -149,6 +149,7 @@ def make_example(melody: melodies_lib.Melody, melody_index: int, rendering_index
       'transposition': attributes.transposition,
       'collection': attributes.collection,
       'title': attributes.title,
+      'melody_notes': render_lib.melody_voice_notes(melody, spec),
   }
 
 
@@ -208,12 +209,17 @@ class EmbeddedMusic(tfds.core.GeneratorBasedBuilder, skip_registration=_ALREADY_
   at once, sometimes with drums, or hummed / whistled by a numpy voice synth, at varied tempos,
   keys and dynamics. Renderings of one melody share a melody_id and a split. Each example has a
   MusicCaps-style caption and aspect list written from its ground-truth attributes, which are
-  stored too.
+  stored too, as are the melody's sounding notes (`melody_notes`, for per-frame pitch labels).
   """
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release: music21 corpus melodies rendered with GM '
-                            'instruments, humming and whistling; captions from attributes.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {
+      '1.0.0': 'Initial release: music21 corpus melodies rendered with GM instruments, humming '
+               'and whistling; captions from attributes.',
+      '1.1.0': 'Adds `melody_notes`: float32 [n, 3] (start_seconds, end_seconds, midi_pitch) of '
+               'the melody voice as it sounds in the clip (render.melody_voice_notes); the audio '
+               'and every other feature are unchanged.',
+  }
   BUILDER_CONFIGS = [TINY, DEFAULT, DEFAULT_WITH_ESSEN]
   DEFAULT_CONFIG_NAME = 'default'
 
@@ -241,6 +247,10 @@ class EmbeddedMusic(tfds.core.GeneratorBasedBuilder, skip_registration=_ALREADY_
         'transposition': tfds.features.Scalar(np.int32),
         'collection': tfds.features.Text(),
         'title': tfds.features.Text(),
+        # The melody voice as it sounds: rows (start_seconds, end_seconds, midi_pitch), sorted by
+        # start, times within [0, clip_seconds] (render.melody_voice_notes; per-frame labels with
+        # notes.frame_pitches).
+        'melody_notes': tfds.features.Tensor(shape=(None, 3), dtype=np.float32),
     })
     return self.dataset_info_from_configs(features=features,
                                           metadata=tfds.core.MetadataDict())

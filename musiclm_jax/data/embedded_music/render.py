@@ -227,6 +227,46 @@ def _clip_melody(melody: Melody, spec: RenderSpec) -> list[tuple[float, float, i
   return notes
 
 
+# The share of its written length an instrument's melody note is held (a slight detachment, so
+# repeated notes are heard); the voices hold their notes fully and articulate with a breath gap
+# inside the note (_render_voice) instead.
+_INSTRUMENT_LEGATO = 0.92
+
+
+def _melody_voice(melody: Melody, spec: RenderSpec) -> list[tuple[float, float, float, int]]:
+  """The notes the melody voice plays: (start in quarters, start s, end s, sounding pitch).
+
+  The one source of the melody channel's (instrument) or the voice's (hum, whistle) notes, and of
+  melody_voice_notes. Seconds are from the clip start; ends are cut at the clip's end.
+  """
+  seconds = 60.0 / spec.tempo_bpm
+  legato = _INSTRUMENT_LEGATO if spec.timbre == 'instrument' else 1.0
+  return [(s, s * seconds, min((s + legato * length) * seconds, spec.clip_seconds), pitch)
+          for s, length, pitch in _clip_melody(melody, spec)]
+
+
+def melody_voice_notes(melody: Melody, spec: RenderSpec) -> np.ndarray:
+  """The melody as it sounds in `render_rendering(melody, spec)`: float32 [n, 3].
+
+  Rows are (start_seconds, end_seconds, midi_pitch) of the melody voice only (the instrument on
+  the melody channel, or the hummed / whistled voice; never the second instrument, an 'octave'
+  doubling included, nor drums), sorted by start. Pitches include spec.transposition (key and
+  register moves); times are at spec.tempo_bpm, from the clip start, within [0, clip_seconds]
+  (a note still sounding at the clip's end ends there); an instrument's notes end where the
+  renderer releases them (_INSTRUMENT_LEGATO of their written length), a voice's at their full
+  length. Notes the renderer plays for no sample (one starting within half a sample of the
+  clip's end) are left out, so every row has end > start, in float32 too.
+  """
+  def first_sample(seconds: float) -> int:  # as the renderer places note-ons and note-offs
+    return int(round(seconds * spec.sample_rate))
+
+  rows = [(start, end, pitch) for _, start, end, pitch in _melody_voice(melody, spec)
+          if first_sample(start) < min(spec.num_samples, first_sample(end))]
+  notes = np.asarray(rows, np.float64).reshape(-1, 3)
+  notes = notes[np.argsort(notes[:, 0], kind='stable')]
+  return notes.astype(np.float32)
+
+
 def _bars(melody: Melody, spec: RenderSpec) -> list[float]:
   """Downbeats inside the clip in quarters from its start, the bar before the first included."""
   clip_quarters = spec.clip_seconds * spec.tempo_bpm / 60.0
@@ -305,8 +345,8 @@ def _instrument_notes(melody: Melody, spec: RenderSpec,
     v = base_velocity + offset + (8 if on_downbeat else 0) + int(rng.integers(-6, 7))
     return int(np.clip(v, 1, 127))
 
-  lead = [_Note(s * seconds, (s + 0.92 * length) * seconds, pitch, velocity(s))
-          for s, length, pitch in notes]
+  lead = [_Note(start, end, pitch, velocity(s))
+          for s, start, end, pitch in _melody_voice(melody, spec)]
   second: list[_Note] = []
   if spec.accompaniment == 'octave':
     second = [_Note(n.start, n.end, n.pitch - 12, max(1, n.velocity - 10)) for n in lead]
@@ -503,9 +543,7 @@ def render_rendering(melody: Melody, spec: RenderSpec) -> np.ndarray:
       channels.append((_DRUM_CHANNEL, 0, drums))
     audio = _render_soundfont(channels, spec.num_samples, spec.sample_rate, spec.drum_kit)
   else:
-    seconds = 60.0 / spec.tempo_bpm
-    notes = [_Note(s * seconds, (s + length) * seconds, pitch, 0)
-             for s, length, pitch in _clip_melody(melody, spec)]
+    notes = [_Note(start, end, pitch, 0) for _, start, end, pitch in _melody_voice(melody, spec)]
     audio = _render_voice(notes, spec.num_samples, spec.sample_rate, spec.timbre == 'whistle',
                           rng)
   return _level(audio, spec.dynamics)
