@@ -265,36 +265,15 @@ def decode(model: CodecModel, params, model_state, codes):
                                method=SoundStream.decode)
 
 
-
 def load_codec(model_dir: str, step: Optional[int] = None, partitioner=None):
   """A trained codec from its run directory: (model, params, model_state, step).
 
   The model is rebuilt from MODEL_DIR/config.gin (the operative config the run wrote), the
   state restored from MODEL_DIR/checkpoints (`step`, default the latest readable).
   """
-  import os  # pylint: disable=g-import-not-at-top
-  from musiclm_jax import main  # pylint: disable=g-import-not-at-top
-  from musiclm_jax.train.checkpoints import Checkpointer, abstract_with_shardings  # pylint: disable=g-import-not-at-top
-  from musiclm_jax.train.partitioning import Partitioner  # pylint: disable=g-import-not-at-top
-  from musiclm_jax.train.train_state import StepFunctions  # pylint: disable=g-import-not-at-top
-  config = os.path.join(model_dir, 'config.gin')
-  if not os.path.exists(config):
-    raise FileNotFoundError(f'{config}: not a codec run directory (no operative config)')
-  gin.clear_config(clear_constants=False)
-  main.parse_gin([config], [])
-  # The run built its model as the macro MODEL = @CodecModel(), so the operative config holds
-  # the model's bindings under the scope 'MODEL'.
-  with gin.config_scope('MODEL'):
-    model = CodecModel()
-  partitioner = partitioner or Partitioner()
-  batch = jax.ShapeDtypeStruct((jax.device_count(), model.generator.hop_length), jnp.float32)
-  steps = StepFunctions(model, partitioner, {'audio': batch})
-  checkpointer = Checkpointer(os.path.join(model_dir, 'checkpoints'))
-  try:
-    restored_step, state, _ = checkpointer.restore(
-        abstract_with_shardings(steps.abstract_state, steps.state_shardings), step)
-  finally:
-    checkpointer.close()
-  if state is None:
-    raise FileNotFoundError(f'no readable checkpoint in {model_dir}/checkpoints')
-  return model, state.params, state.model_state, restored_step
+  from musiclm_jax.train.loading import load_run  # pylint: disable=g-import-not-at-top
+  return load_run(
+      model_dir, CodecModel,
+      lambda model: {'audio': jax.ShapeDtypeStruct((jax.device_count(),
+                                                    model.generator.hop_length), jnp.float32)},
+      step, partitioner, what='codec run')
