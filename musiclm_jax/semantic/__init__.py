@@ -1,0 +1,1 @@
+"""w2v-BERT semantic tokens: the conformer model, its losses and the k-means tokenizer."""
