@@ -14,3 +14,6 @@ from musiclm_jax.train import models  # noqa: F401  DecoderOnlyLM, TransformerCo
 from musiclm_jax.train import optimizers  # noqa: F401  OptimizerConfig
 from musiclm_jax.train import partitioning  # noqa: F401  Partitioner, standard_logical_axis_rules
 from musiclm_jax.train import trainer  # noqa: F401  train, evaluate
+from musiclm_jax.semantic import model as semantic_model  # noqa: F401  W2VBertModel
+from musiclm_jax.semantic import w2v_bert  # noqa: F401  W2VBert
+from musiclm_jax.semantic import tokenizer as semantic_tokenizer  # noqa: F401  fit_kmeans
