@@ -194,14 +194,15 @@ class GumbelQuantizer(nn.Module):
   """
   codebook_size: int
   codebook_dim: int
+  logit_init_scale: float = 1.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, temperature: Optional[Array] = None):
     logits = DenseGeneral(self.codebook_size, kernel_axes=('embed', 'codebook'),
-                          dtype=jnp.float32, param_dtype=self.param_dtype,
-                          name='logits')(x).astype(jnp.float32)
+                          init_scale=self.logit_init_scale, dtype=jnp.float32,
+                          param_dtype=self.param_dtype, name='logits')(x).astype(jnp.float32)
     codebook = self.param('codebook', nn.with_logical_partitioning(
         nn.initializers.uniform(1.0), ('codebook', 'kv')),
                           (self.codebook_size, self.codebook_dim), self.param_dtype)
@@ -231,6 +232,9 @@ class W2VBert(nn.Module):
     codebook_size: quantizer codes (the masked-prediction vocabulary).
     codebook_dim: width of a code vector.
     projection_dim: width of the space where the contrastive similarities are taken.
+    quantizer_logit_init_scale: variance scale of the quantizer's logit projection at init (1:
+      wav2vec 2.0's near-uniform start, where the codes are noise until the quantizer learns;
+      larger starts from sharper, BEST-RQ-like random-projection codes).
     remat_policy: conformer rematerialisation ('none', 'full', 'dots_saveable', ...).
     dtype: compute dtype (e.g. bfloat16; parameters stay float32).
   """
@@ -247,6 +251,7 @@ class W2VBert(nn.Module):
   codebook_size: int = 1024
   codebook_dim: int = 256
   projection_dim: int = 256
+  quantizer_logit_init_scale: float = 1.0
   remat_policy: str = 'none'
   dtype: Any = jnp.float32
 
@@ -274,7 +279,9 @@ class W2VBert(nn.Module):
         dropout_rate=self.dropout_rate, remat_policy=self.remat_policy, dtype=self.dtype)
     self.feature_encoder = ConvFeatureEncoder(self.conv_channels, self.embed_dim,
                                               dtype=self.dtype)
-    self.quantizer = GumbelQuantizer(self.codebook_size, self.codebook_dim, dtype=self.dtype)
+    self.quantizer = GumbelQuantizer(self.codebook_size, self.codebook_dim,
+                                     logit_init_scale=self.quantizer_logit_init_scale,
+                                     dtype=self.dtype)
     self.mask_embedding = self.param(
         'mask_embedding', nn.with_logical_partitioning(nn.initializers.uniform(1.0), ('embed',)),
         (self.embed_dim,), jnp.float32)
