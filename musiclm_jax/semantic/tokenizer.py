@@ -32,6 +32,7 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from musiclm_jax.audio.features import LogMelFrontEnd
 from musiclm_jax.data.frozen_tokenizer import FrozenTokenizer, fingerprint
@@ -269,7 +270,7 @@ def fit_kmeans(w2v_bert_dir: str = gin.REQUIRED, tokenizer_dir: str = gin.REQUIR
                layer: int = gin.REQUIRED, num_clusters: int = gin.REQUIRED,
                dataset=gin.REQUIRED, num_examples: int = 512, max_frames: Optional[int] = None,
                num_iters: int = 50, seed: int = 0, step: Optional[int] = None,
-               partitioner=None, overwrite: bool = False) -> str:
+               partitioner=None, overwrite: bool = False, progress_bar: bool = True) -> str:
   """`musiclm-jax fit_kmeans`: the semantic tokenizer from a w2v-BERT run.
 
   Args:
@@ -285,6 +286,7 @@ def fit_kmeans(w2v_bert_dir: str = gin.REQUIRED, tokenizer_dir: str = gin.REQUIR
     step: the pre-training checkpoint (None: latest).
     partitioner: the mesh k-means runs on (points sharded over 'data').
     overwrite: replace an existing tokenizer_dir (only after the new one is written).
+    progress_bar: show a progress bar while embedding.
   """
   from musiclm_jax.data import seqio_input  # pylint: disable=g-import-not-at-top
   from musiclm_jax.semantic import kmeans  # pylint: disable=g-import-not-at-top
@@ -301,15 +303,18 @@ def fit_kmeans(w2v_bert_dir: str = gin.REQUIRED, tokenizer_dir: str = gin.REQUIR
   ds = seqio_input.numpy_batches(seqio_input.get_host_dataset(dataset, num_epochs=1,
                                                               drop_remainder=False))
   chunks = []
-  for emb in embedding_batches(tokenizer, params['model'], ds, num_examples):
-    chunks.append(emb.reshape(-1, emb.shape[-1]))
-    logger.info('fit_kmeans: embedded %d frames', sum(len(c) for c in chunks))
+  with tqdm(total=num_examples, desc='fit_kmeans: embed', unit='clip', dynamic_ncols=True,
+            disable=not progress_bar) as bar:
+    for emb in embedding_batches(tokenizer, params['model'], ds, num_examples):
+      chunks.append(emb.reshape(-1, emb.shape[-1]))
+      bar.update(len(emb))
   if not chunks:
     raise ValueError(f'fit_kmeans: {dataset.mixture_or_task_name}:{dataset.split} gave no audio')
   points = np.concatenate(chunks)
   if max_frames is not None and len(points) > max_frames:
     keep = np.random.default_rng(seed).choice(len(points), max_frames, replace=False)
     points = points[np.sort(keep)]
+  logger.info('fit_kmeans: %d frames embedded', len(points))
   print(f'fit_kmeans: {len(points)} frames of layer {layer} ({points.shape[1]}-d) from '
         f'{w2v_bert_dir} step {trained_step}; k = {num_clusters}')
   result = kmeans.fit_kmeans(points, num_clusters, num_iters=num_iters,
