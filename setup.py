@@ -25,6 +25,8 @@ INSTALL_REQUIRES = [
     'pretty_midi==0.2.11.post0',   # MIDI building + the General MIDI soundfont it ships
     'matplotlib==3.11.2',          # corpus previews and plots
     'apache-beam==2.77.0',         # `musiclm-jax tokenize`: token caching as a Beam pipeline
+    'safetensors==0.8.0',          # MuLan text tower weights (all-MiniLM-L6-v2), no pickle
+    'tokenizers==0.23.3',          # its WordPiece tokenizer.json
 ]
 # requirements-nodeps.txt lists what the Makefile installs after this with `pip --no-deps`:
 # packages whose declared dependencies cannot or need not be installed.

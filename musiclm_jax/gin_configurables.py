@@ -17,3 +17,4 @@ from musiclm_jax.train import trainer  # noqa: F401  train, evaluate
 from musiclm_jax.semantic import model as semantic_model  # noqa: F401  W2VBertModel
 from musiclm_jax.semantic import w2v_bert  # noqa: F401  W2VBert
 from musiclm_jax.semantic import tokenizer as semantic_tokenizer  # noqa: F401  fit_kmeans
+from musiclm_jax.mulan import text as mulan_text  # noqa: F401  BertEncoder, MiniLMTextTower

@@ -1,0 +1,1 @@
+"""MuLan: the joint music-text embedding whose tokens condition MusicLM (text tower first)."""
