@@ -105,3 +105,25 @@ def test_an_existing_tokenizer_is_not_overwritten(trained):
 def test_a_folder_that_is_not_a_tokenizer_is_named(tmp_path):
   with pytest.raises(FileNotFoundError, match='tokenizer.json'):
     tokenizer_lib.load_semantic_tokenizer(str(tmp_path))
+
+
+def test_a_seqio_task_carries_semantic_tokens(trained, tiny_corpus_dir):
+  """The fitted tokenizer plugs into tasks.audio.register_tokenized_task like BEST-RQ's."""
+  import seqio  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from tasks import audio as audio_tasks  # pylint: disable=g-import-not-at-top
+  _, tok_dir, _ = trained
+  tok = tokenizer_lib.load_semantic_tokenizer(str(tok_dir), input_samples=SAMPLES)
+  task = audio_tasks.register_tokenized_task(
+      'test_embedded_music_tiny_semantic', 'embedded_music/tiny:1.1.0', SAMPLES / 24000, tok,
+      splits=('validation',), tfds_data_dir=str(tiny_corpus_dir))
+  assert task.output_features['semantic_tokens'].vocabulary.vocab_size == 8
+  seqio.set_tfds_data_dir_override(str(tiny_corpus_dir))
+  try:
+    examples = list(tfds.as_numpy(task.get_dataset(None, split='validation', shuffle=False)))
+  finally:
+    seqio.set_tfds_data_dir_override(None)
+  assert examples
+  for ex in examples:
+    assert ex['semantic_tokens'].shape == (FRAMES,)
+    assert 0 <= ex['semantic_tokens'].min() and ex['semantic_tokens'].max() < 8
