@@ -179,17 +179,18 @@ class Representations:
 def run_probe(tokenizer_dir: str, tfds_data_dir: Optional[str] = None,
               train_examples: int = 240, test_examples: Optional[int] = None,
               max_train_frames: int = 30000, seed: int = 0,
-              extra_layers: Sequence[int] = ()) -> dict[str, Any]:
+              extra_layers: Sequence[int] = (), split: str = 'test') -> dict[str, Any]:
   """The measures of the module docstring, as a JSON-able dict.
 
   `extra_layers`: other encoder layers (up to the tokenizer's) given the linear probes too.
+  `split`: where the measures are taken ('validation' to choose a layer, 'test' to report).
   """
   from musiclm_jax.semantic import kmeans  # pylint: disable=g-import-not-at-top
   start = time.time()
   reps = Representations(tokenizer_dir, extra_layers)
   k = reps.module.num_clusters
   train = load_examples('train', tfds_data_dir, train_examples)
-  test = load_examples('test', tfds_data_dir, test_examples)
+  test = load_examples(split, tfds_data_dir, test_examples)
   tr_embs, _, tr_mel = reps(train)
   te_embs, te_tok, te_mel = reps(test)
   frames = te_tok.shape[1]
@@ -218,7 +219,7 @@ def run_probe(tokenizer_dir: str, tfds_data_dir: Optional[str] = None,
   voiced_te = te_lab['pitch'] >= 0
   voiced_tr = tr_lab['pitch'][keep] >= 0
   results: dict[str, Any] = {
-      'tokenizer_dir': tokenizer_dir, 'k': k,
+      'tokenizer_dir': tokenizer_dir, 'k': k, 'split': split,
       'test_clips': len(test), 'test_frames': int(len(te_emb)),
       'train_clips': len(train), 'probe_train_frames': int(len(keep)), 'rows': {}}
   for name, (tr_x, te_x) in features.items():
@@ -271,6 +272,7 @@ def main(argv=None) -> int:
   parser.add_argument('--tokenizer_dir', required=True)
   parser.add_argument('--tfds_data_dir', default=None)
   parser.add_argument('--train_examples', type=int, default=240)
+  parser.add_argument('--split', default='test', help="measured split ('validation' to choose)")
   parser.add_argument('--test_examples', type=int, default=None)
   parser.add_argument('--max_train_frames', type=int, default=30000)
   parser.add_argument('--extra_layers', default='',
@@ -279,9 +281,10 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   extra = tuple(int(x) for x in args.extra_layers.split(',') if x.strip())
   results = run_probe(args.tokenizer_dir, args.tfds_data_dir, args.train_examples,
-                      args.test_examples, args.max_train_frames, extra_layers=extra)
+                      args.test_examples, args.max_train_frames, extra_layers=extra,
+                      split=args.split)
   print(markdown(results))
-  print(f'({results["test_clips"]} test clips, {results["test_frames"]} frames; linear probes '
+  print(f'({results["test_clips"]} {results["split"]} clips, {results["test_frames"]} frames; linear probes '
         f'trained on {results["probe_train_frames"]} frames of {results["train_clips"]} training '
         f'clips; {results["seconds"]} s)')
   if args.out:
