@@ -18,3 +18,6 @@ from musiclm_jax.semantic import model as semantic_model  # noqa: F401  W2VBertM
 from musiclm_jax.semantic import w2v_bert  # noqa: F401  W2VBert
 from musiclm_jax.semantic import tokenizer as semantic_tokenizer  # noqa: F401  fit_kmeans
 from musiclm_jax.mulan import text as mulan_text  # noqa: F401  BertEncoder, MiniLMTextTower
+from musiclm_jax.mulan import audio as mulan_audio  # noqa: F401  ResNetAudioTower, ...
+from musiclm_jax.mulan import model as mulan_model  # noqa: F401  MuLan, MuLanModel
+from musiclm_jax.mulan import conditioning as mulan_conditioning  # noqa: F401  fit_conditioner, load_conditioner

@@ -126,3 +126,34 @@ register_tokenized_task('embedded_music_best_rq', 'embedded_music/default:1.1.0'
                         best_rq_tokenizer(10.0), splits=('train', 'validation', 'test'))
 register_tokenized_task('embedded_music_tiny_best_rq', 'embedded_music/tiny:1.1.0', 4.0,
                         best_rq_tokenizer(4.0), splits=('train', 'validation', 'test'))
+
+
+# MuLan: (audio crop, caption or aspect-list text) pairs with WordPiece tokens (text_ids,
+# text_mask); see musiclm_jax/mulan/data.py. Give task_feature_lengths={'audio': N,
+# 'text_ids': L, 'text_mask': L} with DatasetConfig.feature_converter='audio'.
+from musiclm_jax.mulan import data as mulan_data  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def register_mulan_task(task_name: str, tfds_name: str,
+                        splits: Optional[Sequence[str]] = None,
+                        tfds_data_dir: Optional[str] = None,
+                        aspect_prob: float = mulan_data.DEFAULT_ASPECT_PROB) -> seqio.Task:
+  """Registers (once) a MuLan pair task: audio crop + caption (or, p = aspect_prob, aspects)."""
+  if task_name in seqio.TaskRegistry.names():
+    return seqio.TaskRegistry.get(task_name)
+  return seqio.TaskRegistry.add(
+      task_name,
+      source=seqio.TfdsDataSource(tfds_name=tfds_name, tfds_data_dir=tfds_data_dir,
+                                  splits=splits),
+      preprocessors=list(AUDIO_PREPROCESSORS) + [
+          functools.partial(mulan_data.caption_or_aspects_to_text, aspect_prob=aspect_prob),
+          mulan_data.tokenize_text],
+      output_features=mulan_data.MULAN_FEATURES)
+
+
+register_mulan_task('embedded_music_mulan', 'embedded_music/default:1.1.0',
+                    splits=('train', 'validation', 'test'))
+register_mulan_task('embedded_music_tiny_mulan', 'embedded_music/tiny:1.1.0',
+                    splits=('train', 'validation', 'test'))
+register_mulan_task('musiccaps_mulan', 'musiccaps/default:1.0.0',
+                    splits=('train', 'eval', 'eval_balanced'))
