@@ -16,6 +16,9 @@ Registered on import:
                         the same clips tokenized by a frozen BEST-RQ random-projection quantizer
                         (50 Hz, 1024 codes; `best_rq_tokens`), cacheable with `musiclm-jax
                         tokenize --gin_file=examples/tokenize_embedded_music_best_rq.gin`
+  embedded_music_mulan, embedded_music_tiny_mulan, musiccaps_mulan
+                        MuLan pairs: the audio crop and its caption (or, 30% of the time, its
+                        aspect list) as MiniLM WordPiece `text_ids` / `text_mask`
 An audio folder gets a task from `register_audio_task(task_name, tfds_name)`, with the TFDS name
 that `musiclm-jax build_data --gin_file=data/audio_folder.gin` printed.
 
