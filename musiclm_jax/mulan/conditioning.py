@@ -31,11 +31,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 import logging
 import os
-import shutil
-import tempfile
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -261,57 +258,24 @@ def save_conditioner(conditioner_dir: str, conditioner: MuLanConditioner,
   An existing directory is only replaced with `overwrite`, and then only once the new one is
   completely written (the old one is moved aside and put back if the replacement fails).
   """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from musiclm_jax.data.frozen_tokenizer import fingerprint  # pylint: disable=g-import-not-at-top
-  conditioner_dir = os.path.abspath(conditioner_dir)
-  if os.path.exists(conditioner_dir) and not overwrite:
-    raise FileExistsError(f'{conditioner_dir} exists; pass overwrite=True to replace it')
-  parent = os.path.dirname(conditioner_dir)
-  os.makedirs(parent, exist_ok=True)
+  from musiclm_jax.data.model_dir import save_model_dir  # pylint: disable=g-import-not-at-top
   params = {'mulan': jax.tree_util.tree_map(np.asarray, conditioner.params),
             'codebooks': conditioner.codebooks}
-  staging = tempfile.mkdtemp(prefix='.mulan_conditioner-', dir=parent)
-  try:
-    with ocp.PyTreeCheckpointer() as checkpointer:
-      checkpointer.save(os.path.join(staging, 'variables'), {'params': params})
-    record = {'format': _FORMAT, 'mulan': module_config(conditioner.network),
-              'num_levels': conditioner.num_levels, 'codebook_size': conditioner.codebook_size,
-              'window_samples': conditioner.window_samples,
-              'hop_samples': conditioner.hop_samples, 'text_length': conditioner.text_length,
-              'sample_rate': SAMPLE_RATE, 'params_sha256': fingerprint({'params': params}),
-              **(info or {})}
-    with open(os.path.join(staging, _RECORD), 'w') as f:
-      json.dump(record, f, indent=2, sort_keys=True)
-    old = None
-    if os.path.exists(conditioner_dir):
-      old = tempfile.mkdtemp(prefix='.mulan_conditioner-old-', dir=parent)
-      os.rmdir(old)
-      os.replace(conditioner_dir, old)
-    try:
-      os.replace(staging, conditioner_dir)
-    except BaseException:
-      if old:
-        os.replace(old, conditioner_dir)
-      raise
-    if old:
-      shutil.rmtree(old, ignore_errors=True)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
-  return conditioner_dir
+  record = {'format': _FORMAT, 'mulan': module_config(conditioner.network),
+            'num_levels': conditioner.num_levels, 'codebook_size': conditioner.codebook_size,
+            'window_samples': conditioner.window_samples,
+            'hop_samples': conditioner.hop_samples, 'text_length': conditioner.text_length,
+            'sample_rate': SAMPLE_RATE, 'params_sha256': fingerprint({'params': params}),
+            **(info or {})}
+  return save_model_dir(conditioner_dir, params, record, _RECORD, overwrite=overwrite)
 
 
 def read_conditioner_record(conditioner_dir: str) -> dict[str, Any]:
   """The conditioner.json of a conditioner directory (checked format)."""
-  path = os.path.join(conditioner_dir, _RECORD)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{path}: not a MuLan conditioner directory (fit one with '
-                            '`fit_conditioner`)')
-  with open(path) as f:
-    record = json.load(f)
-  if record.get('format') != _FORMAT:
-    raise ValueError(f'{path}: format {record.get("format")!r}, expected {_FORMAT!r}')
-  return record
+  from musiclm_jax.data.model_dir import read_model_record  # pylint: disable=g-import-not-at-top
+  return read_model_record(conditioner_dir, _RECORD, _FORMAT, 'MuLan conditioner',
+                           'fit one with `fit_conditioner`')
 
 
 @gin.configurable

@@ -19,11 +19,8 @@ int32 tokens [batch, samples // 960] at 25 Hz) for SeqIO tasks and token caches,
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from typing import Any, Iterator, Optional
 
@@ -36,6 +33,7 @@ from tqdm import tqdm
 
 from musiclm_jax.audio.features import LogMelFrontEnd
 from musiclm_jax.data.frozen_tokenizer import FrozenTokenizer, fingerprint
+from musiclm_jax.data.model_dir import VARIABLES, read_model_record, save_model_dir
 from musiclm_jax.semantic.w2v_bert import W2VBert
 
 logger = logging.getLogger(__name__)
@@ -188,53 +186,17 @@ def save_tokenizer(tokenizer_dir: str, tokenizer: SemanticTokenizer, params: dic
   """Writes TOKENIZER_DIR (variables/ + tokenizer.json) atomically; returns its path.
 
   An existing tokenizer is only replaced with `overwrite`, and then only once the new one is
-  completely written (it is moved aside, and put back if the replacement fails).
+  completely written (musiclm_jax/data/model_dir.py).
   """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  tokenizer_dir = os.path.abspath(tokenizer_dir)
-  if os.path.exists(tokenizer_dir) and not overwrite:
-    raise FileExistsError(f'{tokenizer_dir} exists; pass overwrite=True (fit_kmeans.overwrite) '
-                          'to replace it')
-  parent = os.path.dirname(tokenizer_dir)
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix='.semantic_tokenizer-', dir=parent)
-  try:
-    with ocp.PyTreeCheckpointer() as checkpointer:
-      checkpointer.save(os.path.join(staging, 'variables'), {'params': params})
-    record = {'format': _FORMAT, 'encoder': encoder_config(tokenizer.encoder),
-              'layer': tokenizer.layer, 'num_clusters': tokenizer.num_clusters,
-              'params_sha256': fingerprint({'params': params}), **info}
-    with open(os.path.join(staging, 'tokenizer.json'), 'w') as f:
-      json.dump(record, f, indent=2, sort_keys=True)
-    old = None
-    if os.path.exists(tokenizer_dir):
-      old = tempfile.mkdtemp(prefix='.semantic_tokenizer-old-', dir=parent)
-      os.rmdir(old)
-      os.replace(tokenizer_dir, old)
-    try:
-      os.replace(staging, tokenizer_dir)
-    except BaseException:
-      if old:
-        os.replace(old, tokenizer_dir)
-      raise
-    if old:
-      shutil.rmtree(old, ignore_errors=True)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
-  return tokenizer_dir
+  record = {'format': _FORMAT, 'encoder': encoder_config(tokenizer.encoder),
+            'layer': tokenizer.layer, 'num_clusters': tokenizer.num_clusters,
+            'params_sha256': fingerprint({'params': params}), **info}
+  return save_model_dir(tokenizer_dir, params, record, 'tokenizer.json', overwrite=overwrite)
 
 
 def read_tokenizer_record(tokenizer_dir: str) -> dict[str, Any]:
-  path = os.path.join(tokenizer_dir, 'tokenizer.json')
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{path}: not a semantic tokenizer directory (run `musiclm-jax '
-                            'fit_kmeans` to make one)')
-  with open(path) as f:
-    record = json.load(f)
-  if record.get('format') != _FORMAT:
-    raise ValueError(f'{path}: format {record.get("format")!r}, expected {_FORMAT!r}')
-  return record
+  return read_model_record(tokenizer_dir, 'tokenizer.json', _FORMAT, 'semantic tokenizer',
+                           'run `musiclm-jax fit_kmeans` to make one')
 
 
 def tokenizer_module(tokenizer_dir: str) -> SemanticTokenizer:
@@ -250,8 +212,7 @@ def load_semantic_tokenizer(tokenizer_dir: str = gin.REQUIRED, input_samples: in
   """A FrozenTokenizer for SeqIO tasks / caches: audio [batch, input_samples] -> 25 Hz tokens."""
   return FrozenTokenizer(model=tokenizer_module(tokenizer_dir), output_feature=output_feature,
                          input_samples=input_samples, method='tokenize',
-                         checkpoint_dir=os.path.join(os.path.abspath(tokenizer_dir),
-                                                     'variables'),
+                         checkpoint_dir=os.path.join(os.path.abspath(tokenizer_dir), VARIABLES),
                          batch_size=batch_size, device=device)
 
 

@@ -20,7 +20,6 @@ frame. A clip of N samples gives N // 960 frames.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Optional
 

@@ -1,0 +1,79 @@
+"""A frozen model saved as a directory: orbax variables plus a JSON record, written atomically.
+
+Semantic tokenizers (musiclm_jax/semantic/tokenizer.py) and MuLan conditioners
+(musiclm_jax/mulan/conditioning.py) are saved this way:
+
+  DIR/variables/   orbax PyTree checkpoint {'params': ...} (read by FrozenTokenizer's 'pytree'
+                   layout; tensorstore arrays, nothing pickled)
+  DIR/<record>     JSON: format tag, the module's config, provenance, fingerprint of the params
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+VARIABLES = 'variables'
+
+
+def save_model_dir(directory: str, params: Any, record: dict[str, Any], record_name: str,
+                   overwrite: bool = False) -> str:
+  """Writes `directory` (variables/ + record_name) atomically; returns its absolute path.
+
+  Everything is written into a staging folder beside it first. An existing directory is only
+  replaced with `overwrite`, and then only once the new one is complete: it is moved aside and
+  put back if the replacement fails, so a failure never loses what was there.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  directory = os.path.abspath(directory)
+  if os.path.exists(directory) and not overwrite:
+    raise FileExistsError(f'{directory} exists; pass overwrite=True to replace it')
+  parent = os.path.dirname(directory)
+  os.makedirs(parent, exist_ok=True)
+  prefix = f'.{os.path.basename(directory)}-'
+  staging = tempfile.mkdtemp(prefix=prefix + 'new-', dir=parent)
+  try:
+    with ocp.PyTreeCheckpointer() as checkpointer:
+      checkpointer.save(os.path.join(staging, VARIABLES), {'params': params})
+    with open(os.path.join(staging, record_name), 'w') as f:
+      json.dump(record, f, indent=2, sort_keys=True)
+    old = None
+    if os.path.exists(directory):
+      old = tempfile.mkdtemp(prefix=prefix + 'old-', dir=parent)
+      os.rmdir(old)
+      os.replace(directory, old)
+    try:
+      os.replace(staging, directory)
+    except BaseException:
+      if old:
+        os.replace(old, directory)
+      raise
+    if old:
+      shutil.rmtree(old, ignore_errors=True)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  return directory
+
+
+def read_model_record(directory: str, record_name: str, expected_format: str, what: str,
+                      how_to_make: str) -> dict[str, Any]:
+  """The JSON record of a saved model directory, its format checked.
+
+  Args:
+    directory: the saved directory.
+    record_name: the record's file name, e.g. 'tokenizer.json'.
+    expected_format: the record's 'format' tag.
+    what: the kind of directory, for errors ('semantic tokenizer').
+    how_to_make: named in the error when the directory holds no record.
+  """
+  path = os.path.join(directory, record_name)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path}: not a {what} directory ({how_to_make})')
+  with open(path) as f:
+    record = json.load(f)
+  if record.get('format') != expected_format:
+    raise ValueError(f'{path}: format {record.get("format")!r}, expected {expected_format!r}')
+  return record
