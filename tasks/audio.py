@@ -52,7 +52,8 @@ AUDIO_PREPROCESSORS = (
 def register_audio_task(task_name: str, tfds_name: str,
                         splits: Optional[Sequence[str]] = None,
                         tfds_data_dir: Optional[str] = None,
-                        extra_preprocessors: Sequence = ()) -> seqio.Task:
+                        extra_preprocessors: Sequence = (),
+                        output_features: Optional[dict] = None) -> seqio.Task:
   """Registers (once) a SeqIO task reading a TFDS audio corpus with the common audio schema.
 
   Args:
@@ -62,6 +63,7 @@ def register_audio_task(task_name: str, tfds_name: str,
     splits: the splits to expose (None: all the prepared dataset has).
     tfds_data_dir: where the dataset was prepared (None: TFDS's default / DatasetConfig's).
     extra_preprocessors: appended after the crop (e.g. tokenization and a cache placeholder).
+    output_features: the task's output features (None: preprocessors.AUDIO_FEATURES).
 
   Returns:
     The task (the registered one if the name exists already).
@@ -73,7 +75,7 @@ def register_audio_task(task_name: str, tfds_name: str,
       source=seqio.TfdsDataSource(tfds_name=tfds_name, tfds_data_dir=tfds_data_dir,
                                   splits=splits),
       preprocessors=list(AUDIO_PREPROCESSORS) + list(extra_preprocessors),
-      output_features=preprocessors.AUDIO_FEATURES)
+      output_features=output_features or preprocessors.AUDIO_FEATURES)
 
 
 register_audio_task('embedded_music', 'embedded_music/default:1.1.0',
@@ -142,13 +144,9 @@ def register_mulan_task(task_name: str, tfds_name: str,
                         tfds_data_dir: Optional[str] = None,
                         aspect_prob: float = mulan_data.DEFAULT_ASPECT_PROB) -> seqio.Task:
   """Registers (once) a MuLan pair task: audio crop + caption (or, p = aspect_prob, aspects)."""
-  if task_name in seqio.TaskRegistry.names():
-    return seqio.TaskRegistry.get(task_name)
-  return seqio.TaskRegistry.add(
-      task_name,
-      source=seqio.TfdsDataSource(tfds_name=tfds_name, tfds_data_dir=tfds_data_dir,
-                                  splits=splits),
-      preprocessors=list(AUDIO_PREPROCESSORS) + [
+  return register_audio_task(
+      task_name, tfds_name, splits=splits, tfds_data_dir=tfds_data_dir,
+      extra_preprocessors=[
           functools.partial(mulan_data.caption_or_aspects_to_text, aspect_prob=aspect_prob),
           mulan_data.tokenize_text],
       output_features=mulan_data.MULAN_FEATURES)
