@@ -170,6 +170,3 @@ def tokenize_text(dataset, sequence_length=None, *, text_length: Optional[int] =
 
   ds = dataset.map(add_tokens, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return ds.filter(lambda ex: ex['_keep']).map(drop_flag)
-
-
-MULAN_PREPROCESSORS = (caption_or_aspects_to_text, tokenize_text)
