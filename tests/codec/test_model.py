@@ -16,6 +16,7 @@ from musiclm_jax.codec.soundstream import SoundStream
 from musiclm_jax.train.optimizers import OptimizerConfig
 from musiclm_jax.train.partitioning import Partitioner
 from musiclm_jax.train.train_state import StepFunctions
+from tests.mesh_steps import one_step
 
 SAMPLES = 2400  # 5 frames
 # A codec small enough to compile quickly, with the real strides, the STFT discriminator and the
@@ -65,18 +66,11 @@ def steps_on_meshes():
   return model, single, mesh
 
 
-def _one_step(steps, batch):
-  state = steps.init(jax.random.PRNGKey(0))
-  global_batch = steps.partitioner.host_local_batch_to_global(batch, steps.batch_shardings)
-  new_state, metrics = steps.train_step(state, global_batch)
-  return jax.device_get(new_state), jax.device_get(metrics)
-
-
 def test_one_step_on_a_2x1x4_mesh_equals_one_device(steps_on_meshes):
   _, single, mesh = steps_on_meshes
   batch = _batch()
-  state_1, metrics_1 = _one_step(single, batch)
-  state_8, metrics_8 = _one_step(mesh, batch)
+  state_1, metrics_1 = one_step(single, batch)
+  state_8, metrics_8 = one_step(mesh, batch)
   assert set(state_1.params) == {'generator', 'discriminator'}
   assert metrics_1['adversarial_ramp'] == 1.0 and metrics_1['discriminator_hinge'] > 0
   for key in ('loss', 'mel_loss', 'generator_adversarial', 'feature_matching',
@@ -112,7 +106,7 @@ def test_decoupled_gradients_equal_per_group_gradients(steps_on_meshes):
 def test_warm_up_leaves_the_discriminator_alone(steps_on_meshes):
   model = _model(adversarial_start_step=100)
   steps = StepFunctions(model, steps_on_meshes[1].partitioner, steps_on_meshes[1].batch_spec)
-  state, metrics = _one_step(steps, _batch())
+  state, metrics = one_step(steps, _batch())
   init = jax.device_get(steps.init(jax.random.PRNGKey(0)))
   assert metrics['adversarial_ramp'] == 0.0 and metrics['loss/discriminator'] == 0.0
   jax.tree_util.tree_map(np.testing.assert_array_equal, state.params['discriminator'],

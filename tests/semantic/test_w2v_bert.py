@@ -14,6 +14,7 @@ from musiclm_jax.train.models import cross_entropy_with_integer_labels
 from musiclm_jax.train.optimizers import OptimizerConfig
 from musiclm_jax.train.partitioning import Partitioner
 from musiclm_jax.train.train_state import StepFunctions
+from tests.mesh_steps import one_step
 
 FRAMES = 12
 SAMPLES = 960 * FRAMES
@@ -224,18 +225,11 @@ def steps_on_meshes():
   return model, single, mesh
 
 
-def _one_step(steps, batch):
-  state = steps.init(jax.random.PRNGKey(0))
-  global_batch = steps.partitioner.host_local_batch_to_global(batch, steps.batch_shardings)
-  new_state, metrics = steps.train_step(state, global_batch)
-  return jax.device_get(new_state), jax.device_get(metrics)
-
-
 def test_one_step_on_a_2x2x2_mesh_equals_one_device(steps_on_meshes):
   _, single, mesh = steps_on_meshes
   batch = {'audio': _audio(8)}
-  state_1, metrics_1 = _one_step(single, batch)
-  state_8, metrics_8 = _one_step(mesh, batch)
+  state_1, metrics_1 = one_step(single, batch)
+  state_8, metrics_8 = one_step(mesh, batch)
   for key in ('loss', 'contrastive_loss', 'mlm_loss', 'diversity_loss', 'codebook_perplexity',
               'mask_fraction'):
     np.testing.assert_allclose(metrics_8[key], metrics_1[key], rtol=2e-4, atol=1e-5, err_msg=key)
