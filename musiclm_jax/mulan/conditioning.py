@@ -373,13 +373,20 @@ def fit_conditioner(mulan_dir: str = gin.REQUIRED, conditioner_dir: str = gin.RE
       task, {'audio': clip_samples}, split=split, batch_size=batch_size, shuffle=False,
       seed=seed, module='tasks.audio', tfds_data_dir=tfds_data_dir, feature_converter='audio')
   embeddings, seen = [], 0
-  for batch in seqio_input.numpy_batches(
-      seqio_input.get_host_dataset(config, num_epochs=1, drop_remainder=False)):
-    audio = batch['audio'][:num_examples - seen]
-    embeddings.append(conditioner.embed_audio(audio))
-    seen += len(audio)
-    if seen >= num_examples:
-      break
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  with tqdm(total=num_examples, desc='fit_conditioner: embed', unit='clip',
+            dynamic_ncols=True) as bar:
+    for batch in seqio_input.numpy_batches(
+        seqio_input.get_host_dataset(config, num_epochs=1, drop_remainder=False)):
+      audio = batch['audio'][:num_examples - seen]
+      embeddings.append(conditioner.embed_audio(audio))
+      seen += len(audio)
+      bar.update(len(audio))
+      if seen >= num_examples:
+        break
+  if seen < codebook_size:
+    raise ValueError(f'fit_conditioner: {task}/{split} gave {seen} clips, fewer than '
+                     f'codebook_size={codebook_size}; lower codebook_size or add data')
   points = np.concatenate(embeddings)
   codebooks, errors = fit_rvq(points, num_levels, codebook_size, seed=seed, num_iters=num_iters)
   conditioner.codebooks = codebooks

@@ -177,22 +177,41 @@ def test_mulan_trains_from_gin_and_its_loss_moves(trained):
   assert os.path.isdir(os.path.join(trained, 'checkpoints'))
 
 
-def test_fit_conditioner_on_the_trained_run(trained, tmp_path, tiny_corpus_dir):
+def test_fit_conditioner_command_on_the_trained_run(trained, tmp_path, tiny_corpus_dir):
   path = str(tmp_path / 'cond')
-  conditioning.fit_conditioner(str(trained), path, task='embedded_music_tiny', num_examples=12,
-                               clip_samples=9600, window_samples=4800, hop_samples=2400,
-                               num_levels=3, codebook_size=4, num_iters=10, text_length=16,
-                               tfds_data_dir=tiny_corpus_dir)
+  gin.clear_config(clear_constants=False)
+  args = ['fit_conditioner', '--gin_file=examples/mulan_conditioner_tiny_cpu.gin',
+          f"--gin.MULAN_DIR='{trained}'", f"--gin.CONDITIONER_DIR='{path}'",
+          "--gin.TASK='embedded_music_tiny'", f"--gin.TFDS_DATA_DIR='{tiny_corpus_dir}'",
+          '--gin.NUM_EXAMPLES=12', '--gin.CLIP_SAMPLES=9600', '--gin.WINDOW_SAMPLES=4800',
+          '--gin.HOP_SAMPLES=2400', '--gin.NUM_LEVELS=3', '--gin.CODEBOOK_SIZE=4',
+          '--gin.NUM_ITERS=10', '--gin.TEXT_LENGTH=16']
+  assert main.main(args) == 0
   record = conditioning.read_conditioner_record(path)
   assert record['num_embeddings'] == 12 and record['mulan_step'] == 16
   with open(os.path.join(path, 'conditioner.json')) as f:
-    assert json.load(f)['mulan']['embed_dim'] == 128
+    before = f.read()
+  assert json.loads(before)['mulan']['embed_dim'] == 128
   cond = conditioning.load_conditioner(path)
   assert cond.text_tokens(['a calm piano melody']).shape == (1, 3)
   tokens = cond.audio_tokens(np.zeros(24000, np.float32))
   assert tokens.shape == (3,) and tokens.max() < 4
-  with pytest.raises(FileExistsError):
-    conditioning.fit_conditioner(str(trained), path, task='embedded_music_tiny')
+  # The evaluation command over the conditioner.
+  from musiclm_jax.mulan import metrics  # pylint: disable=g-import-not-at-top
+  out = str(tmp_path / 'eval.json')
+  assert metrics.main(['--conditioner_dir', path, '--task', 'embedded_music_tiny',
+                       '--split', 'validation', '--clip_samples', '4800',
+                       '--tfds_data_dir', tiny_corpus_dir, '--out', out]) == 0
+  with open(out) as f:
+    result = json.load(f)
+  assert result['retrieval']['num_pairs'] >= 1
+  assert set(result['zero_shot']) == {'instrument', 'tempo', 'drums'}
+  gin.clear_config(clear_constants=False)
+  with pytest.raises(FileExistsError, match='exists'):
+    main.main(args)
+  with open(os.path.join(path, 'conditioner.json')) as f:
+    assert f.read() == before
+  gin.clear_config(clear_constants=False)
 
 
 @pytest.mark.parametrize('gin_files,widths,clip', [
