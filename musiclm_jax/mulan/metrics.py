@@ -2,7 +2,8 @@
 
 * `retrieval_recall`: text -> audio and audio -> text recall@k over a whole split (every clip's
   embedding against every caption's, not within batches), beside chance k / N.
-* `zero_shot_accuracy`: classify clips by the nearest text prompt ("a song played on {x}") and
+* `zero_shot_accuracy`: classify clips by the nearest class embedding (an ensemble of prompts
+  worded like the captions: "a solo {x}", "{x} melody", ..., see `attribute_prompts`) and
   compare with the ground truth, beside chance (the majority rate: always answering the most
   common class). `embedded_music_attributes` derives the instrument, tempo class (the bands of
   musiclm_jax/data/embedded_music/captions.tempo_band) and drums labels of embedded_music.
@@ -16,17 +17,29 @@ Embeddings are unit vectors (cosine = dot product); the functions normalise what
 from __future__ import annotations
 
 import collections
-from typing import Any, Callable, Mapping, Optional, Sequence
+import os
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 EmbedAudio = Callable[[np.ndarray], np.ndarray]   # [B, samples] -> [B, D]
 EmbedText = Callable[[Sequence[str]], np.ndarray]  # texts -> [N, D]
 
-INSTRUMENT_TEMPLATE = 'a song played on {}'
-TEMPO_PROMPTS = {'slow': 'a song with a slow tempo', 'medium': 'a song with a medium tempo',
-                 'fast': 'a song with a fast tempo'}
-DRUMS_PROMPTS = {'yes': 'a song with drums', 'no': 'a song without drums'}
+# Zero-shot prompts: several per class, worded as the corpus's captions and aspect lists word
+# them (musiclm_jax/data/embedded_music/captions.py); a class is the normalised mean of its
+# prompts' embeddings (CLIP's prompt ensembling).
+INSTRUMENT_TEMPLATES = ('{}', 'a solo {}', '{} melody', 'a tune played on {a}',
+                        'The recording features a folk tune played on {a}.')
+VOICE_PROMPTS = {'humming': ('humming', 'someone humming', 'a voice humming a folk tune',
+                             'humming, vocal, no instruments'),
+                 'whistling': ('whistling', 'someone whistling', 'a person whistling a tune',
+                               'whistling, no instruments')}
+TEMPO_TEMPLATES = ('{} tempo', 'The tempo is {}.')  # over captions.TEMPO_WORDS of the band
+DRUMS_PROMPTS = {'yes': ('drums', 'A simple drum beat keeps time.', 'Drums play a steady groove.',
+                         'A light drum pattern follows the meter.'),
+                 'no': ('no drums', 'There are no drums.', 'There is no percussion.',
+                        'The tune is played without drums.')}
+Prompts = Union[str, Sequence[str]]
 
 
 def _unit(x: Any) -> np.ndarray:
@@ -151,20 +164,49 @@ def embedded_music_attributes(examples: Mapping[str, Sequence[Any]]) -> dict[str
           'drums': ['yes' if bool(d) else 'no' for d in examples['drums']]}
 
 
-def attribute_prompts(instruments: Sequence[str]) -> dict[str, dict[str, str]]:
-  """{attribute: {class: prompt}} for the instrument, tempo and drums zero-shot tasks."""
-  return {'instrument': {i: INSTRUMENT_TEMPLATE.format(i) for i in instruments},
-          'tempo': dict(TEMPO_PROMPTS), 'drums': dict(DRUMS_PROMPTS)}
+def _article(word: str) -> str:
+  return ('an ' if word[:1].lower() in 'aeiou' else 'a ') + word
+
+
+def instrument_prompts(instrument: str) -> tuple[str, ...]:
+  """The zero-shot prompts of one instrument class (or 'humming' / 'whistling')."""
+  if instrument in VOICE_PROMPTS:
+    return VOICE_PROMPTS[instrument]
+  return tuple(t.format(instrument, a=_article(instrument)) for t in INSTRUMENT_TEMPLATES)
+
+
+def attribute_prompts(instruments: Sequence[str]) -> dict[str, dict[str, tuple[str, ...]]]:
+  """{attribute: {class: prompts}} for the instrument, tempo and drums zero-shot tasks."""
+  from musiclm_jax.data.embedded_music.captions import TEMPO_WORDS  # pylint: disable=g-import-not-at-top
+  tempo = {band: tuple(t.format(w) for t in TEMPO_TEMPLATES for w in words)
+           for band, words in TEMPO_WORDS.items()}
+  return {'instrument': {i: instrument_prompts(i) for i in instruments},
+          'tempo': tempo, 'drums': dict(DRUMS_PROMPTS)}
+
+
+def class_embeddings(embed_text: EmbedText, class_prompts: Sequence[Prompts]) -> np.ndarray:
+  """[C, D] unit class embeddings: each the normalised mean of its prompts' unit embeddings.
+
+  `class_prompts[c]` is one prompt (str) or several (a prompt ensemble).
+  """
+  groups = [[p] if isinstance(p, str) else list(p) for p in class_prompts]
+  if any(not g for g in groups):
+    raise ValueError('every class needs at least one prompt')
+  flat = [p for g in groups for p in g]
+  emb = _unit(embed_text(flat))
+  bounds = np.cumsum([0] + [len(g) for g in groups])
+  return _unit(np.stack([emb[a:b].mean(axis=0) for a, b in zip(bounds[:-1], bounds[1:])]))
 
 
 def zero_shot_attributes(audio_emb: Any, embed_text: EmbedText,
                          attributes: Mapping[str, Sequence[Any]],
-                         prompts: Mapping[str, Mapping[str, str]]) -> dict[str, dict[str, float]]:
-  """`zero_shot_accuracy` for each attribute with its prompts, embedded by `embed_text`."""
+                         prompts: Mapping[str, Mapping[str, Prompts]]
+                         ) -> dict[str, dict[str, float]]:
+  """`zero_shot_accuracy` for each attribute, its classes embedded by `class_embeddings`."""
   out = {}
   for name, class_prompts in prompts.items():
     classes = list(class_prompts)
-    prompt_emb = embed_text([class_prompts[c] for c in classes])
+    prompt_emb = class_embeddings(embed_text, [class_prompts[c] for c in classes])
     out[name] = zero_shot_accuracy(audio_emb, prompt_emb, classes, attributes[name])
   return out
 
@@ -258,3 +300,55 @@ def evaluate_split(embed_audio: EmbedAudio, embed_text: EmbedText, task: str = '
   return {'retrieval': retrieval_recall(audio_emb, text_emb, ks, texts=data['caption']),
           'zero_shot': zero_shot_attributes(audio_emb, embed_text, attributes,
                                             attribute_prompts(instruments))}
+
+
+def format_report(result: Mapping[str, Any]) -> str:
+  """`evaluate_split`'s result as a Markdown table, each figure beside chance."""
+  r = result['retrieval']
+  lines = ['| metric | MuLan | chance |', '|---|---:|---:|']
+  ks = sorted(int(k.split('@')[1]) for k in r if k.startswith('chance@'))
+  for k in ks:
+    for way in ('text_to_audio', 'audio_to_text'):
+      lines.append(f"| recall@{k} {way.replace('_to_', ' -> ')} | {r[f'recall@{k}/{way}']:.3f} "
+                   f"| {r[f'chance@{k}']:.3f} |")
+  for name, z in result['zero_shot'].items():
+    lines.append(f"| zero-shot {name} ({int(z['num_classes'])} classes) | {z['accuracy']:.3f} "
+                 f"| {z['chance']:.3f} |")
+  lines.append(f"\n{int(r['num_pairs'])} clips; chance: k / N for recall, the majority class "
+               'rate for zero-shot.')
+  return '\n'.join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """`python -m musiclm_jax.mulan.metrics --conditioner_dir D [--split test]`: the report."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(
+      prog='python -m musiclm_jax.mulan.metrics',
+      description='Corpus-wide retrieval recall and zero-shot attribute accuracy of a MuLan '
+                  'conditioner (musiclm-jax fit_conditioner) over a split of embedded_music.')
+  parser.add_argument('--conditioner_dir', required=True)
+  parser.add_argument('--task', default='embedded_music')
+  parser.add_argument('--split', default='test')
+  parser.add_argument('--clip_samples', type=int, default=240000)
+  parser.add_argument('--max_examples', type=int, default=None)
+  parser.add_argument('--tfds_data_dir', default=None)
+  parser.add_argument('--out', default=None, help='also write the result as JSON here')
+  args = parser.parse_args(argv)
+  from musiclm_jax.mulan.conditioning import load_conditioner  # pylint: disable=g-import-not-at-top
+  cond = load_conditioner(args.conditioner_dir)
+  result = evaluate_split(cond.embed_audio, cond.embed_text, task=args.task, split=args.split,
+                          clip_samples=args.clip_samples, max_examples=args.max_examples,
+                          tfds_data_dir=args.tfds_data_dir)
+  result['conditioner_dir'] = args.conditioner_dir
+  result['split'] = args.split
+  print(format_report(result))
+  if args.out:
+    with open(args.out + '.tmp', 'w') as f:
+      json.dump(result, f, indent=1)
+    os.replace(args.out + '.tmp', args.out)
+  return 0
+
+
+if __name__ == '__main__':
+  raise SystemExit(main())

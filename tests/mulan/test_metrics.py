@@ -66,17 +66,28 @@ def test_attributes_and_zero_shot_with_a_stand_in_text_embedder():
   from musiclm_jax.data.embedded_music.captions import tempo_band
   assert attrs['tempo'] == [tempo_band(t) for t in examples['tempo_bpm']]
   prompts = metrics.attribute_prompts(['cello', 'flute', 'piano'])
-  assert prompts['instrument']['flute'] == 'a song played on flute'
-  vocab = sorted({p for d in prompts.values() for p in d.values()})
+  assert 'a solo flute' in prompts['instrument']['flute']
+  assert 'slow tempo' in prompts['tempo']['slow'] and 'no drums' in prompts['drums']['no']
+  vocab = sorted({p for d in prompts.values() for ps in d.values() for p in ps})
   embed_text = lambda texts: np.stack([np.eye(len(vocab))[vocab.index(t)] for t in texts])
-  # Audio that points at the right prompts of every attribute.
-  audio = np.stack([embed_text([prompts['instrument'][sorted(i)[0]]])[0]
-                    + embed_text([prompts['tempo'][t]])[0] + embed_text([prompts['drums'][d]])[0]
+  # Audio that points at one prompt of the right class of every attribute.
+  audio = np.stack([embed_text([prompts['instrument'][sorted(i)[0]][1]])[0]
+                    + embed_text([prompts['tempo'][t][0]])[0]
+                    + embed_text([prompts['drums'][d][0]])[0]
                     for i, t, d in zip(attrs['instrument'], attrs['tempo'], attrs['drums'])])
   out = metrics.zero_shot_attributes(audio, embed_text, attrs, prompts)
   assert {k: v['accuracy'] for k, v in out.items()} == {'instrument': 1.0, 'tempo': 1.0,
                                                         'drums': 1.0}
   assert out['drums']['chance'] == 2 / 3 and out['instrument']['chance'] == 2 / 3
+
+
+def test_class_embeddings_average_the_prompt_ensemble():
+  table = {'a': [1.0, 0.0, 0.0], 'b': [0.0, 2.0, 0.0], 'c': [0.0, 0.0, 1.0]}
+  embed_text = lambda texts: np.asarray([table[t] for t in texts])
+  got = metrics.class_embeddings(embed_text, [('a', 'b'), 'c'])
+  np.testing.assert_allclose(got, [[0.5 ** 0.5, 0.5 ** 0.5, 0.0], [0.0, 0.0, 1.0]], atol=1e-12)
+  with pytest.raises(ValueError, match='at least one prompt'):
+    metrics.class_embeddings(embed_text, [()])
 
 
 def test_mcc_scores_matched_pairs_above_shuffled_ones():
@@ -122,3 +133,13 @@ def test_evaluate_split_on_the_tiny_corpus(tiny_corpus_dir):
   assert set(out['zero_shot']) == {'instrument', 'tempo', 'drums'}
   for v in out['zero_shot'].values():
     assert 0.0 <= v['accuracy'] <= 1.0 and 0.0 < v['chance'] <= 1.0 and v['num_examples'] == n
+
+
+def test_format_report_puts_each_figure_beside_chance():
+  result = {'retrieval': metrics.retrieval_recall(np.eye(4), np.eye(4), ks=(1, 10)),
+            'zero_shot': {'drums': {'accuracy': 0.75, 'chance': 0.5, 'num_examples': 4.0,
+                                    'num_classes': 2.0}}}
+  report = metrics.format_report(result)
+  assert '| recall@1 text -> audio | 1.000 | 0.250 |' in report
+  assert '| recall@10 audio -> text | 1.000 | 1.000 |' in report
+  assert '| zero-shot drums (2 classes) | 0.750 | 0.500 |' in report
