@@ -125,7 +125,10 @@ def zero_shot_accuracy(audio_emb: Any, prompt_emb: Any, classes: Sequence[str],
 
   Returns:
     {'accuracy', 'chance' (the majority rate: the largest fraction of clips that always
-    answering one class would get right), 'num_examples', 'num_classes'}.
+    answering one class would get right), 'balanced_accuracy' (the mean over the classes that
+    occur of the accuracy on the clips of that class: skewed classes cannot inflate it),
+    'uniform_chance' (the expected accuracy, and balanced accuracy, of guessing uniformly at
+    random: the mean of |labels| / C), 'num_examples', 'num_classes'}.
   """
   classes = list(classes)
   if len(classes) != np.shape(prompt_emb)[0]:
@@ -135,11 +138,15 @@ def zero_shot_accuracy(audio_emb: Any, prompt_emb: Any, classes: Sequence[str],
     raise ValueError(f'{len(sets)} labels for {np.shape(audio_emb)[0]} clips')
   pred = zero_shot_predict(audio_emb, prompt_emb)
   n = len(sets)
-  correct = sum(classes[p] in s for p, s in zip(pred, sets))
+  right = [classes[p] in s for p, s in zip(pred, sets)]
   counts = collections.Counter(c for s in sets for c in s if c in classes)
   chance = max(counts.values()) / n if counts else 0.0
-  return {'accuracy': correct / n, 'chance': chance, 'num_examples': float(n),
-          'num_classes': float(len(classes))}
+  per_class = [np.mean([r for r, s in zip(right, sets) if c in s]) for c in classes
+               if counts[c]]
+  return {'accuracy': sum(right) / n, 'chance': chance,
+          'balanced_accuracy': float(np.mean(per_class)) if per_class else 0.0,
+          'uniform_chance': float(np.mean([len(s & set(classes)) for s in sets]) / len(classes)),
+          'num_examples': float(n), 'num_classes': float(len(classes))}
 
 
 def tempo_class(tempo_bpm: float) -> str:
@@ -314,8 +321,12 @@ def format_report(result: Mapping[str, Any]) -> str:
   for name, z in result['zero_shot'].items():
     lines.append(f"| zero-shot {name} ({int(z['num_classes'])} classes) | {z['accuracy']:.3f} "
                  f"| {z['chance']:.3f} |")
-  lines.append(f"\n{int(r['num_pairs'])} clips; chance: k / N for recall, the majority class "
-               'rate for zero-shot.')
+    if 'balanced_accuracy' in z:
+      lines.append(f"| zero-shot {name}, balanced | {z['balanced_accuracy']:.3f} "
+                   f"| {z['uniform_chance']:.3f} |")
+  lines.append(f"\n{int(r['num_pairs'])} clips. Chance: k / N for recall; for zero-shot "
+               'accuracy the majority-class rate, for balanced accuracy (the mean of the '
+               'per-class accuracies) uniform guessing.')
   return '\n'.join(lines)
 
 

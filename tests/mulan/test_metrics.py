@@ -52,6 +52,9 @@ def test_zero_shot_accuracy_and_majority_chance():
   out = metrics.zero_shot_accuracy(audio, prompts, classes, labels)
   assert out['accuracy'] == 4 / 5  # clip 3 wrong (violin predicted, piano true); clip 4 right
   assert out['chance'] == 4 / 5   # 'piano' is right for 4 of 5
+  # Per class: piano 3 of its 4 clips right, flute 1 of 1, violin 1 of 1.
+  assert out['balanced_accuracy'] == pytest.approx((3 / 4 + 1 + 1) / 3)
+  assert out['uniform_chance'] == pytest.approx(6 / 5 / 3)  # mean |labels| / C
   assert out['num_classes'] == 3 and out['num_examples'] == 5
   with pytest.raises(ValueError):
     metrics.zero_shot_accuracy(audio, prompts, classes[:2], labels)
@@ -138,8 +141,10 @@ def test_evaluate_split_on_the_tiny_corpus(tiny_corpus_dir):
 def test_format_report_puts_each_figure_beside_chance():
   result = {'retrieval': metrics.retrieval_recall(np.eye(4), np.eye(4), ks=(1, 10)),
             'zero_shot': {'drums': {'accuracy': 0.75, 'chance': 0.5, 'num_examples': 4.0,
-                                    'num_classes': 2.0}}}
+                                    'num_classes': 2.0, 'balanced_accuracy': 0.7,
+                                    'uniform_chance': 0.5}}}
   report = metrics.format_report(result)
   assert '| recall@1 text -> audio | 1.000 | 0.250 |' in report
   assert '| recall@10 audio -> text | 1.000 | 1.000 |' in report
   assert '| zero-shot drums (2 classes) | 0.750 | 0.500 |' in report
+  assert '| zero-shot drums, balanced | 0.700 | 0.500 |' in report
