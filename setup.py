@@ -39,6 +39,8 @@ setuptools.setup(
     long_description_content_type='text/markdown',
     python_requires='>=3.11',
     packages=setuptools.find_packages(include=['musiclm_jax', 'musiclm_jax.*', 'tasks', 'tasks.*']),
+    # MuLan's caption vocabulary (musiclm_jax/mulan/vocabulary.py), so an install carries it.
+    package_data={'musiclm_jax.mulan': ['assets/*.model']},
     install_requires=INSTALL_REQUIRES,
     extras_require={
         'test': ['pytest==9.2.0', 'pytest-xdist==3.8.0'],

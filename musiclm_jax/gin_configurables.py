@@ -21,3 +21,4 @@ from musiclm_jax.mulan import text as mulan_text  # noqa: F401  BertEncoder, Min
 from musiclm_jax.mulan import audio as mulan_audio  # noqa: F401  ResNetAudioTower, ...
 from musiclm_jax.mulan import model as mulan_model  # noqa: F401  MuLan, MuLanModel
 from musiclm_jax.mulan import conditioning as mulan_conditioning  # noqa: F401  fit_conditioner, load_conditioner
+from musiclm_jax.mulan import vocabulary as mulan_vocabulary  # noqa: F401  fit_text_vocab

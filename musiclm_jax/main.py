@@ -35,11 +35,12 @@ COMMANDS = {
     'tokenize': ('musiclm_jax.data.token_cache', 'cache_tasks'),
     'build_data': ('musiclm_jax.data.build', 'build_dataset'),
     'fit_kmeans': ('musiclm_jax.semantic.tokenizer', 'fit_kmeans'),
+    'fit_text_vocab': ('musiclm_jax.mulan.vocabulary', 'fit_text_vocab'),
     'fit_conditioner': ('musiclm_jax.mulan.conditioning', 'fit_conditioner'),
 }
 SUBCOMMANDS = tuple(COMMANDS)
 # Data jobs report progress at INFO; training reports through its progress bar and summaries.
-_INFO_BY_DEFAULT = ('tokenize', 'build_data', 'fit_kmeans', 'fit_conditioner')
+_INFO_BY_DEFAULT = ('tokenize', 'build_data', 'fit_kmeans', 'fit_conditioner', 'fit_text_vocab')
 REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             'gin_configs')
 

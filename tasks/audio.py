@@ -19,6 +19,10 @@ Registered on import:
   embedded_music_mulan, embedded_music_tiny_mulan, musiccaps_mulan
                         MuLan pairs: the audio crop and its caption (or, 30% of the time, its
                         aspect list) as MiniLM WordPiece `text_ids` / `text_mask`
+  embedded_music_mulan_sp, embedded_music_tiny_mulan_sp
+                        the same pairs tokenized with the packaged SentencePiece caption
+                        vocabulary (musiclm_jax/mulan/vocabulary.py; 1,024 ids, carried by the
+                        'text_ids' feature), for a text tower trained from scratch
 An audio folder gets a task from `register_audio_task(task_name, tfds_name)`, with the TFDS name
 that `musiclm-jax build_data --gin_file=data/audio_folder.gin` printed.
 
@@ -133,23 +137,31 @@ register_tokenized_task('embedded_music_tiny_best_rq', 'embedded_music/tiny:1.1.
                         best_rq_tokenizer(4.0), splits=('train', 'validation', 'test'))
 
 
-# MuLan: (audio crop, caption or aspect-list text) pairs with WordPiece tokens (text_ids,
-# text_mask); see musiclm_jax/mulan/data.py. Give task_feature_lengths={'audio': N,
-# 'text_ids': L, 'text_mask': L} with DatasetConfig.feature_converter='audio'.
+# MuLan: (audio crop, caption or aspect-list text) pairs with text tokens (text_ids,
+# text_mask): WordPiece, or a SentencePiece vocabulary; see musiclm_jax/mulan/data.py. Give
+# task_feature_lengths={'audio': N, 'text_ids': L, 'text_mask': L} with
+# DatasetConfig.feature_converter='audio'.
 from musiclm_jax.mulan import data as mulan_data  # noqa: E402  pylint: disable=g-import-not-at-top
+from musiclm_jax.mulan import vocabulary as mulan_vocabulary  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def register_mulan_task(task_name: str, tfds_name: str,
                         splits: Optional[Sequence[str]] = None,
                         tfds_data_dir: Optional[str] = None,
-                        aspect_prob: float = mulan_data.DEFAULT_ASPECT_PROB) -> seqio.Task:
-  """Registers (once) a MuLan pair task: audio crop + caption (or, p = aspect_prob, aspects)."""
+                        aspect_prob: float = mulan_data.DEFAULT_ASPECT_PROB,
+                        vocabulary: Optional[seqio.Vocabulary] = None) -> seqio.Task:
+  """Registers (once) a MuLan pair task: audio crop + caption (or, p = aspect_prob, aspects).
+
+  The text is tokenized with all-MiniLM-L6-v2's WordPiece tokenizer, or, given `vocabulary` (a
+  `seqio.SentencePieceVocabulary`), with it; the 'text_ids' output feature then carries it.
+  """
   return register_audio_task(
       task_name, tfds_name, splits=splits, tfds_data_dir=tfds_data_dir,
       extra_preprocessors=[
           functools.partial(mulan_data.caption_or_aspects_to_text, aspect_prob=aspect_prob),
-          mulan_data.tokenize_text],
-      output_features=mulan_data.MULAN_FEATURES)
+          (mulan_data.tokenize_text if vocabulary is None else
+           functools.partial(mulan_data.tokenize_text, vocabulary=vocabulary))],
+      output_features=mulan_data.mulan_features(vocabulary))
 
 
 register_mulan_task('embedded_music_mulan', 'embedded_music/default:1.1.0',
@@ -158,3 +170,11 @@ register_mulan_task('embedded_music_tiny_mulan', 'embedded_music/tiny:1.1.0',
                     splits=('train', 'validation', 'test'))
 register_mulan_task('musiccaps_mulan', 'musiccaps/default:1.0.0',
                     splits=('train', 'eval', 'eval_balanced'))
+# The from-scratch text option: the caption vocabulary fitted on embedded_music/default's train
+# split (shipped in the package; `musiclm-jax fit_text_vocab` makes it).
+register_mulan_task('embedded_music_mulan_sp', 'embedded_music/default:1.1.0',
+                    splits=('train', 'validation', 'test'),
+                    vocabulary=mulan_vocabulary.caption_vocabulary())
+register_mulan_task('embedded_music_tiny_mulan_sp', 'embedded_music/tiny:1.1.0',
+                    splits=('train', 'validation', 'test'),
+                    vocabulary=mulan_vocabulary.caption_vocabulary())

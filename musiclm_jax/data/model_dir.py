@@ -13,18 +13,21 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, Mapping, Optional
 
 VARIABLES = 'variables'
 
 
 def save_model_dir(directory: str, params: Any, record: dict[str, Any], record_name: str,
-                   overwrite: bool = False) -> str:
+                   overwrite: bool = False,
+                   extra_files: Optional[Mapping[str, bytes]] = None) -> str:
   """Writes `directory` (variables/ + record_name) atomically; returns its absolute path.
 
-  Everything is written into a staging folder beside it first. An existing directory is only
-  replaced with `overwrite`, and then only once the new one is complete: it is moved aside and
-  put back if the replacement fails, so a failure never loses what was there.
+  `extra_files` ({file name: contents}) are written beside the record (e.g. a MuLan
+  conditioner's text vocabulary). Everything is written into a staging folder beside it first.
+  An existing directory is only replaced with `overwrite`, and then only once the new one is
+  complete: it is moved aside and put back if the replacement fails, so a failure never loses
+  what was there.
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   directory = os.path.abspath(directory)
@@ -39,6 +42,12 @@ def save_model_dir(directory: str, params: Any, record: dict[str, Any], record_n
       checkpointer.save(os.path.join(staging, VARIABLES), {'params': params})
     with open(os.path.join(staging, record_name), 'w') as f:
       json.dump(record, f, indent=2, sort_keys=True)
+    for name, data in (extra_files or {}).items():
+      if os.path.basename(name) != name or name in (record_name, VARIABLES):
+        raise ValueError(f'extra file name {name!r}: a plain file name other than '
+                         f'{record_name!r} and {VARIABLES!r}')
+      with open(os.path.join(staging, name), 'wb') as f:
+        f.write(data)
     old = None
     if os.path.exists(directory):
       old = tempfile.mkdtemp(prefix=prefix + 'old-', dir=parent)

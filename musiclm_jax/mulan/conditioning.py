@@ -16,8 +16,12 @@ without `overwrite`):
   variables/         orbax PyTree {'params': {'mulan': <the MuLan network's params>,
                                               'codebooks': float32 [levels, codes, embed_dim]}}
   conditioner.json   the MuLan module's configuration (rebuilt by `module_from_config`), levels,
-                     codes, window and hop of the long-audio averaging, text length, sample rate,
-                     where the weights came from, and the fit's statistics
+                     codes, window and hop of the long-audio averaging, text length, the text
+                     tokenizer ('text_tokenizer': WordPiece, or SentencePiece with the file
+                     name and sha256 of its model; a record without it is WordPiece), sample
+                     rate, where the weights came from, and the fit's statistics
+  text_vocabulary.model   the SentencePiece model of a from-scratch text tower (only then), so
+                     the directory is complete wherever it is copied
 
 Typical use:
 
@@ -52,6 +56,9 @@ WINDOW_SAMPLES = 10 * SAMPLE_RATE  # the paper: 10 s windows,
 HOP_SAMPLES = SAMPLE_RATE          # 1 s hop, embeddings averaged
 _FORMAT = 'musiclm_jax.mulan_conditioner/1'
 _RECORD = 'conditioner.json'
+_TEXT_VOCABULARY = 'text_vocabulary.model'
+WORDPIECE = 'wordpiece'
+SENTENCEPIECE = 'sentencepiece'
 
 
 # ---------------------------------------------------------------------------
@@ -189,12 +196,21 @@ class MuLanConditioner:
     params: its parameters.
     codebooks: float32 [levels, codes, embed_dim].
     window_samples, hop_samples: long-audio windows (10 s, 1 s hop in the paper).
-    text_length: WordPiece tokens per text.
+    text_length: text tokens per prompt (with the tokenizer's special tokens).
+    text_tokenizer: the tokenizer of the text tower (`WordPieceTokenizer` for all-MiniLM-L6-v2,
+      `SentencePieceTokenizer` for a tower trained from scratch over a caption vocabulary);
+      loaded on first use when left None (then WordPiece).
   """
 
   def __init__(self, network: MuLan, params: Any, codebooks: np.ndarray,
                window_samples: int = WINDOW_SAMPLES, hop_samples: int = HOP_SAMPLES,
-               text_length: int = 64):
+               text_length: int = 64, text_tokenizer: Any = None):
+    """See the class docstring.
+
+    Raises:
+      ValueError: when `text_tokenizer` has another number of ids than the text tower's word
+        table has rows (it is not the tokenizer the tower was trained with).
+    """
     self.network = network
     self.params = jax.device_put(nn.meta.unbox(params))
     self.codebooks = np.asarray(codebooks, np.float32)
@@ -202,6 +218,8 @@ class MuLanConditioner:
     self.hop_samples = int(hop_samples)
     self.text_length = int(text_length)
     self._tokenizer = None
+    if text_tokenizer is not None:
+      self._tokenizer = _check_tokenizer(text_tokenizer, network)
     self._embed_audio = jax.jit(lambda p, a: network.apply({'params': p}, a,
                                                            method=MuLan.embed_audio))
     self._embed_text = jax.jit(lambda p, i, m: network.apply({'params': p}, i, m,
@@ -230,12 +248,17 @@ class MuLanConditioner:
                                                  wav, self.window_samples, self.hop_samples))
     return emb[0] if single else emb
 
-  def embed_text(self, texts: Sequence[str]) -> np.ndarray:
-    """Texts -> float32 [len(texts), embed_dim]; an empty text is a ValueError."""
+  @property
+  def text_tokenizer(self) -> Any:
+    """The text tower's tokenizer (all-MiniLM-L6-v2's WordPiece unless one was given)."""
     if self._tokenizer is None:
       from musiclm_jax.mulan.text import WordPieceTokenizer  # pylint: disable=g-import-not-at-top
-      self._tokenizer = WordPieceTokenizer()
-    ids, mask = self._tokenizer.encode(texts, self.text_length)
+      self._tokenizer = _check_tokenizer(WordPieceTokenizer(), self.network)
+    return self._tokenizer
+
+  def embed_text(self, texts: Sequence[str]) -> np.ndarray:
+    """Texts -> float32 [len(texts), embed_dim]; an empty text is a ValueError."""
+    ids, mask = self.text_tokenizer.encode(texts, self.text_length)
     return np.asarray(self._embed_text(self.params, ids, mask))
 
   def quantize(self, emb: Any) -> np.ndarray:
@@ -251,24 +274,72 @@ class MuLanConditioner:
     return self.quantize(self.embed_text(texts))
 
 
+def _check_tokenizer(tokenizer: Any, network: MuLan) -> Any:
+  """`tokenizer`, once its number of ids is checked against the text tower's word table."""
+  rows = network.text_tower.vocab_size
+  if int(tokenizer.vocab_size) != int(rows):
+    raise ValueError(
+        f'the text tokenizer ({type(tokenizer).__name__}, {tokenizer.vocab_size} ids) does not '
+        f'fit the MuLan text tower (a word table of {rows} rows): it is not the tokenizer the '
+        'tower was trained with (WordPiece for all-MiniLM-L6-v2, the SentencePiece caption '
+        'vocabulary of its *_mulan_sp task for a tower trained from scratch)')
+  return tokenizer
+
+
+def _text_tokenizer_record(tokenizer: Any) -> tuple[dict[str, Any], dict[str, bytes]]:
+  """(conditioner.json's 'text_tokenizer' entry, the files that go with it)."""
+  from musiclm_jax.mulan.vocabulary import SentencePieceTokenizer  # pylint: disable=g-import-not-at-top
+  if isinstance(tokenizer, SentencePieceTokenizer):
+    return ({'type': SENTENCEPIECE, 'file': _TEXT_VOCABULARY, 'sha256': tokenizer.sha256,
+             'vocab_size': tokenizer.vocab_size, 'source': tokenizer.path},
+            {_TEXT_VOCABULARY: tokenizer.model_proto})
+  return {'type': WORDPIECE, 'vocab_size': int(tokenizer.vocab_size)}, {}
+
+
+def _text_tokenizer_from_record(conditioner_dir: str, record: dict[str, Any]) -> Any:
+  """The tokenizer a conditioner.json names (no entry: WordPiece, the only one before)."""
+  entry = record.get('text_tokenizer') or {'type': WORDPIECE}
+  where = os.path.join(conditioner_dir, _RECORD)
+  if entry.get('type') == WORDPIECE:
+    from musiclm_jax.mulan.text import WordPieceTokenizer  # pylint: disable=g-import-not-at-top
+    return WordPieceTokenizer()
+  if entry.get('type') == SENTENCEPIECE:
+    from musiclm_jax.mulan.vocabulary import SentencePieceTokenizer  # pylint: disable=g-import-not-at-top
+    path = os.path.join(conditioner_dir, os.path.basename(entry.get('file', _TEXT_VOCABULARY)))
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f'{where} names the SentencePiece vocabulary {path}, which is '
+                              'missing: the conditioner directory is incomplete')
+    tokenizer = SentencePieceTokenizer(path)
+    if entry.get('sha256') and tokenizer.sha256 != entry['sha256']:
+      raise ValueError(f'{path}: sha256 {tokenizer.sha256} is not the {entry["sha256"]} that '
+                       f'{where} recorded: the vocabulary was replaced')
+    return tokenizer
+  raise ValueError(f"{where}: unknown text_tokenizer type {entry.get('type')!r} (expected "
+                   f'{WORDPIECE!r} or {SENTENCEPIECE!r})')
+
+
 def save_conditioner(conditioner_dir: str, conditioner: MuLanConditioner,
                      info: Optional[dict[str, Any]] = None, overwrite: bool = False) -> str:
   """Writes a conditioner directory atomically (see the module docstring); returns its path.
 
-  An existing directory is only replaced with `overwrite`, and then only once the new one is
+  The conditioner's text tokenizer is recorded (and a SentencePiece model copied in). An
+  existing directory is only replaced with `overwrite`, and then only once the new one is
   completely written (the old one is moved aside and put back if the replacement fails).
   """
   from musiclm_jax.data.frozen_tokenizer import fingerprint  # pylint: disable=g-import-not-at-top
   from musiclm_jax.data.model_dir import save_model_dir  # pylint: disable=g-import-not-at-top
   params = {'mulan': jax.tree_util.tree_map(np.asarray, conditioner.params),
             'codebooks': conditioner.codebooks}
+  tokenizer, files = _text_tokenizer_record(conditioner.text_tokenizer)
   record = {'format': _FORMAT, 'mulan': module_config(conditioner.network),
             'num_levels': conditioner.num_levels, 'codebook_size': conditioner.codebook_size,
             'window_samples': conditioner.window_samples,
             'hop_samples': conditioner.hop_samples, 'text_length': conditioner.text_length,
+            'text_tokenizer': tokenizer,
             'sample_rate': SAMPLE_RATE, 'params_sha256': fingerprint({'params': params}),
             **(info or {})}
-  return save_model_dir(conditioner_dir, params, record, _RECORD, overwrite=overwrite)
+  return save_model_dir(conditioner_dir, params, record, _RECORD, overwrite=overwrite,
+                        extra_files=files)
 
 
 def read_conditioner_record(conditioner_dir: str) -> dict[str, Any]:
@@ -283,11 +354,13 @@ def load_conditioner(conditioner_dir: str = gin.REQUIRED) -> MuLanConditioner:
   """The `MuLanConditioner` saved in `conditioner_dir`."""
   from musiclm_jax.data.frozen_tokenizer import _restore_numpy  # pylint: disable=g-import-not-at-top
   record = read_conditioner_record(conditioner_dir)
-  params = _restore_numpy(os.path.join(os.path.abspath(conditioner_dir), 'variables'),
+  conditioner_dir = os.path.abspath(conditioner_dir)
+  params = _restore_numpy(os.path.join(conditioner_dir, 'variables'),
                           {'params': 'params'})['params']
   return MuLanConditioner(module_from_config(record['mulan']), params['mulan'],
                           params['codebooks'], record['window_samples'], record['hop_samples'],
-                          record['text_length'])
+                          record['text_length'],
+                          _text_tokenizer_from_record(conditioner_dir, record))
 
 
 def audio_tokens(conditioner_dir: str, wav: Any) -> np.ndarray:
@@ -324,6 +397,39 @@ def load_mulan(mulan_dir: str, step: Optional[int] = None, partitioner=None,
   return model.network, network_params, restored
 
 
+def run_text_tokenizer() -> Any:
+  """The text tokenizer of the MuLan run whose config.gin gin holds (after `load_mulan`).
+
+  The run's training task (`train/DatasetConfig`) names it: a SentencePiece vocabulary carried by
+  its 'text_ids' feature (the *_mulan_sp tasks) gives a `SentencePieceTokenizer`; any other task,
+  or a config without a training task, gives all-MiniLM-L6-v2's `WordPieceTokenizer`.
+  """
+  import seqio  # pylint: disable=g-import-not-at-top
+  from musiclm_jax.data import seqio_input  # pylint: disable=g-import-not-at-top
+  from musiclm_jax.mulan.text import WordPieceTokenizer  # pylint: disable=g-import-not-at-top
+  from musiclm_jax.mulan.vocabulary import SentencePieceTokenizer  # pylint: disable=g-import-not-at-top
+  try:
+    with gin.config_scope('train'):
+      config = seqio_input.DatasetConfig()  # pylint: disable=no-value-for-parameter
+  except (TypeError, ValueError) as e:
+    logger.warning('the run config names no training task (%s); using WordPiece text tokens',
+                   str(e).splitlines()[0])
+    return WordPieceTokenizer()
+  try:
+    if config.module:
+      importlib.import_module(config.module)
+    task = seqio.get_mixture_or_task(config.mixture_or_task_name)
+  except (ImportError, ValueError) as e:
+    raise ValueError(f"cannot tell the run's text tokenizer from its training task "
+                     f'{config.mixture_or_task_name!r} ({e}); pass '
+                     'fit_conditioner.text_vocabulary') from e
+  feature = task.output_features.get('text_ids')
+  vocabulary = getattr(feature, 'vocabulary', None)
+  if isinstance(vocabulary, seqio.SentencePieceVocabulary):
+    return SentencePieceTokenizer(vocabulary)
+  return WordPieceTokenizer()
+
+
 @gin.configurable
 def fit_conditioner(mulan_dir: str = gin.REQUIRED, conditioner_dir: str = gin.REQUIRED,
                     task: str = 'embedded_music', split: str = 'train',
@@ -332,13 +438,14 @@ def fit_conditioner(mulan_dir: str = gin.REQUIRED, conditioner_dir: str = gin.RE
                     num_levels: int = 12, codebook_size: int = 1024, num_iters: int = 50,
                     text_length: int = 64, batch_size: int = 8, seed: int = 0,
                     tfds_data_dir: Optional[str] = None, step: Optional[int] = None,
-                    overwrite: bool = False) -> str:
+                    text_vocabulary: Optional[str] = None, overwrite: bool = False) -> str:
   """Embeds a corpus sample with a trained MuLan, fits the RVQ, writes a conditioner directory.
 
   Each of the first `num_examples` clips of the audio task `task`/`split` (read in order, crops
   seeded by `seed`) is cropped to `clip_samples` (default one window: a clip shorter than that is
   zero-padded, and the padding would be embedded with it) and embedded as `audio_tokens` would
-  (windows averaged); the RVQ is fitted on those embeddings (`fit_rvq`).
+  (windows averaged); the RVQ is fitted on those embeddings (`fit_rvq`). The conditioner keeps
+  the text tokenizer the run trained with (`run_text_tokenizer`, or `text_vocabulary`).
 
   Args:
     mulan_dir: a `musiclm-jax train` MuLan run directory.
@@ -352,11 +459,13 @@ def fit_conditioner(mulan_dir: str = gin.REQUIRED, conditioner_dir: str = gin.RE
     num_levels: RVQ levels (12 in the paper).
     codebook_size: codes per level (1024 in the paper).
     num_iters: Lloyd iterations per level at most.
-    text_length: WordPiece tokens per text for `text_tokens`.
+    text_length: text tokens per prompt for `text_tokens` (with the special tokens).
     batch_size: clips per embedding call.
     seed: crop and k-means seed.
     tfds_data_dir: the TFDS data directory of the corpus.
     step: the checkpoint step of the run (None: the latest).
+    text_vocabulary: the SentencePiece .model the run's text tower was trained over; None:
+      the one of the run's training task, else WordPiece (`run_text_tokenizer`).
     overwrite: replace an existing conditioner directory.
 
   Returns:
@@ -367,8 +476,13 @@ def fit_conditioner(mulan_dir: str = gin.REQUIRED, conditioner_dir: str = gin.RE
   clip_samples = int(clip_samples or window_samples)
   from musiclm_jax.data import seqio_input  # pylint: disable=g-import-not-at-top
   network, params, restored = load_mulan(mulan_dir, step, text_length=text_length)
+  if text_vocabulary:
+    from musiclm_jax.mulan.vocabulary import SentencePieceTokenizer  # pylint: disable=g-import-not-at-top
+    tokenizer = SentencePieceTokenizer(text_vocabulary)
+  else:
+    tokenizer = run_text_tokenizer()  # reads the run's config.gin, which load_mulan parsed
   conditioner = MuLanConditioner(network, params, np.zeros((num_levels, 1, network.embed_dim)),
-                                 window_samples, hop_samples, text_length)
+                                 window_samples, hop_samples, text_length, tokenizer)
   config = seqio_input.DatasetConfig(
       task, {'audio': clip_samples}, split=split, batch_size=batch_size, shuffle=False,
       seed=seed, module='tasks.audio', tfds_data_dir=tfds_data_dir, feature_converter='audio')

@@ -1,26 +1,34 @@
-"""MuLan training data: (audio crop, text) pairs with WordPiece `text_ids` / `text_mask`.
+"""MuLan training data: (audio crop, text) pairs with int32 `text_ids` / `text_mask`.
 
 MusicLM trains MuLan on clips paired with their caption or with their aspect list. The SeqIO
 preprocessor `caption_or_aspects_to_text` picks, per example, the caption or (with probability
 `aspect_prob`) the example's aspect strings joined with ', ' ("solo flute, slow tempo, calm");
 the choice comes from SeqIO's per-example seed, so a task read with the same seed gives the same
-texts. The text is then tokenized with all-MiniLM-L6-v2's WordPiece tokenizer
-(`musiclm_jax.mulan.text.WordPieceTokenizer`) to int32 [L] `text_ids` and `text_mask`, L being
-`task_feature_lengths['text_ids']` (default `DEFAULT_TEXT_LENGTH`).
+texts. `tokenize_text` then tokenizes the text to int32 [L] `text_ids` and `text_mask`, L being
+`task_feature_lengths['text_ids']` (default `DEFAULT_TEXT_LENGTH`), with one of two tokenizers:
+
+  - all-MiniLM-L6-v2's WordPiece tokenizer (`musiclm_jax.mulan.text.WordPieceTokenizer`, the
+    default: the pretrained text tower's): [CLS] pieces [SEP], 30,522 ids;
+  - a SentencePiece `seqio.SentencePieceVocabulary` (`vocabulary=`; the from-scratch text tower,
+    musiclm_jax/mulan/vocabulary.py): pieces then EOS (id 1), the vocabulary's ids.
+
+Either way the mask is 1 on real tokens, padding is id 0, and a text longer than L is truncated
+(keeping its end token). Use the same tokenizer at inference (`MuLanConditioner` records its own).
 
 Empty captions. An example whose caption is empty (or normalises to nothing, e.g. only control
 characters) is dropped. Each drop is counted in this process's `SKIPPED` counter (read it with
 `skipped_examples()`; keyed by reason, 'empty_caption') and logged at WARNING with the example's
 id (the first `_LOG_FIRST` of them, then every 1000th). The count is per Python process and counts
 every pass over the data (a second epoch counts again). At inference an empty caption is a
-`ValueError` instead (`WordPieceTokenizer.encode`).
+`ValueError` instead (the tokenizers' `encode`).
 
 With `DatasetConfig(feature_converter='audio', task_feature_lengths={'audio': N, 'text_ids': L,
 'text_mask': L})` the batches are exactly what `MuLanModel` trains on:
 {'audio': [B, N] float32, 'text_ids': [B, L] int32, 'text_mask': [B, L] int32}.
 
 Tasks (registered in tasks/audio.py): embedded_music_mulan, embedded_music_tiny_mulan,
-musiccaps_mulan.
+musiccaps_mulan (WordPiece); embedded_music_mulan_sp, embedded_music_tiny_mulan_sp (the packaged
+SentencePiece caption vocabulary; their 'text_ids' feature carries it).
 """
 from __future__ import annotations
 
@@ -51,6 +59,20 @@ MULAN_FEATURES = {
     'text_mask': preprocessors.token_feature(2),
 }
 
+
+def mulan_features(vocabulary: Optional[seqio.Vocabulary] = None) -> dict[str, seqio.Feature]:
+  """Output features of a MuLan task; with `vocabulary`, 'text_ids' carries it.
+
+  The EOS is added by `tokenize_text` itself (and counted in the mask), so the feature does not
+  add one.
+  """
+  if vocabulary is None:
+    return dict(MULAN_FEATURES)
+  return {**MULAN_FEATURES,
+          'text_ids': seqio.Feature(vocabulary, add_eos=False, required=True, dtype=tf.int32,
+                                    rank=1)}
+
+
 SKIPPED: collections.Counter = collections.Counter()
 _SKIPPED_LOCK = threading.Lock()
 _LOG_FIRST = 10
@@ -78,9 +100,23 @@ def _count_skip(reason: str, example_id: str) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _tokenizer(tokenizer_json: Optional[str]):
+def _wordpiece_tokenizer(tokenizer_json: Optional[str]):
   from musiclm_jax.mulan.text import WordPieceTokenizer  # pylint: disable=g-import-not-at-top
   return WordPieceTokenizer(tokenizer_json)
+
+
+def _text_tokenizer(tokenizer_json: Optional[str], vocabulary: Optional[seqio.Vocabulary]):
+  """The (per-process cached) WordPiece or SentencePiece tokenizer `tokenize_text` uses."""
+  if vocabulary is None:
+    return _wordpiece_tokenizer(tokenizer_json)
+  if tokenizer_json is not None:
+    raise ValueError('tokenize_text: give tokenizer_json (WordPiece) or vocabulary '
+                     '(SentencePiece), not both')
+  if not isinstance(vocabulary, seqio.SentencePieceVocabulary):
+    raise TypeError(f'tokenize_text: vocabulary must be a seqio.SentencePieceVocabulary, got '
+                    f'{vocabulary!r}')
+  from musiclm_jax.mulan import vocabulary as vocabulary_lib  # pylint: disable=g-import-not-at-top
+  return vocabulary_lib.cached_tokenizer(vocabulary.sentencepiece_model_file)
 
 
 @seqio.map_over_dataset(num_seeds=1)
@@ -116,11 +152,12 @@ def caption_or_aspects_to_text(ex, seed, *, aspect_prob: float = DEFAULT_ASPECT_
 
 
 def tokenize_text(dataset, sequence_length=None, *, text_length: Optional[int] = None,
-                  tokenizer_json: Optional[str] = None, feature: str = 'text'):
+                  tokenizer_json: Optional[str] = None,
+                  vocabulary: Optional[seqio.Vocabulary] = None, feature: str = 'text'):
   """Tokenizes `feature` to int32 [L] `text_ids` / `text_mask`; drops empty captions.
 
   An example is dropped (and counted, see the module docstring) when its `caption` or its
-  `feature` is empty or normalises to no WordPiece at all.
+  `feature` is empty or normalises to no piece at all.
 
   Args:
     dataset: examples with a string `feature` (from `caption_or_aspects_to_text`), 'caption' and
@@ -128,6 +165,8 @@ def tokenize_text(dataset, sequence_length=None, *, text_length: Optional[int] =
     sequence_length: SeqIO's task feature lengths; `sequence_length['text_ids']` is L.
     text_length: L when not given by `sequence_length` (default `DEFAULT_TEXT_LENGTH`).
     tokenizer_json: a BERT tokenizer.json (default all-MiniLM-L6-v2's).
+    vocabulary: a `seqio.SentencePieceVocabulary` to tokenize with instead of WordPiece
+      (pieces + EOS; see musiclm_jax/mulan/vocabulary.SentencePieceTokenizer).
     feature: the string feature to tokenize.
 
   Returns:
@@ -139,14 +178,14 @@ def tokenize_text(dataset, sequence_length=None, *, text_length: Optional[int] =
   if mask_length is not None and int(mask_length) != length:
     raise ValueError(f"task feature lengths of 'text_ids' ({length}) and 'text_mask' "
                      f'({mask_length}) differ')
-  _tokenizer(tokenizer_json)  # load (and fail) here, not inside tf.data
+  tokenizer = _text_tokenizer(tokenizer_json, vocabulary)  # load (and fail) here, not in tf.data
 
   def encode(text: bytes, caption: bytes, example_id: bytes):
     text_s = text.decode('utf-8', errors='replace')
     caption_s = caption.decode('utf-8', errors='replace')
     try:
-      _tokenizer(tokenizer_json).encode([caption_s], 3)
-      ids, mask = _tokenizer(tokenizer_json).encode([text_s], length)
+      tokenizer.encode([caption_s], 3)
+      ids, mask = tokenizer.encode([text_s], length)
     except ValueError:
       _count_skip('empty_caption', example_id.decode('utf-8', errors='replace'))
       zeros = np.zeros([length], np.int32)

@@ -3,8 +3,10 @@
 `MuLan` is the embedder (a Flax module): an audio tower on log-mel (`ResNetAudioTower`, the
 paper's ResNet-50, or `SpectrogramTransformerTower`), a text tower (`BertEncoder`: the
 all-MiniLM-L6-v2 sizes by default, loadable with its pretrained weights, or any BERT config
-trained from scratch) mean-pooled over real tokens, and a bias-free linear projection of each
-into a shared `embed_dim` space (128 in the paper), L2-normalised.
+trained from scratch, e.g. over the SentencePiece caption vocabulary of
+musiclm_jax/mulan/vocabulary.py with `pretrained_text=False`) mean-pooled over real tokens, and
+a bias-free linear projection of each into a shared `embed_dim` space (128 in the paper),
+L2-normalised.
 
 `MuLanModel` trains it in the common trainer on batches
 {'audio': [B, samples] float32, 'text_ids': [B, L] int32, 'text_mask': [B, L] int32} with the

