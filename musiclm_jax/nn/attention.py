@@ -222,25 +222,26 @@ class RelativePositionBiases(nn.Module):
     """Computes the additive attention bias.
 
     Args:
-      qlen: number of query positions (static). Ignored in decode mode, where
-        there is exactly one query.
+      qlen: number of query positions (static). In decode mode, the number
+        of consecutive queries fed at once (1 per step, the prompt length for
+        a prefill).
       klen: number of key positions (static); in decode mode the cache length.
       bidirectional: overrides the module default when not None.
       decode_position: optional scalar int (may be traced), the position of
-        the single query in decode mode. Only the bucket row of that query is
-        computed, so a decode step costs O(klen), not O(klen^2).
+        the first query in decode mode; the queries sit at `decode_position +
+        arange(qlen)`. Only the bucket rows of those queries are computed, so
+        a decode step costs O(klen), not O(klen^2).
 
     Returns:
-      [1, heads, qlen, klen] bias ([1, heads, 1, klen] in decode mode).
+      [1, heads, qlen, klen] bias.
     """
     if bidirectional is None:
       bidirectional = self.bidirectional
     memory_position = jnp.arange(klen, dtype=jnp.int32)[None, :]
-    if decode_position is None:
-      context_position = jnp.arange(qlen, dtype=jnp.int32)[:, None]
-    else:
-      context_position = jnp.reshape(
-          jnp.asarray(decode_position, jnp.int32), (1, 1))
+    context_position = jnp.arange(qlen, dtype=jnp.int32)[:, None]
+    if decode_position is not None:
+      context_position = context_position + jnp.asarray(decode_position,
+                                                        jnp.int32)
     relative_position = memory_position - context_position  # [q, k]
     rp_bucket = relative_position_bucket(
         relative_position,
@@ -403,9 +404,13 @@ class MultiHeadAttention(nn.Module):
         cache does not exist yet (e.g. under `init(..., decode=True)` with a
         full-length input) it is created with shape
         [batch, length, heads, head_dim] and a normal full attention is run.
-        Once it exists, inputs must be [batch, 1, embed]; the new key/value
-        are written at `cache_index`, only positions <= `cache_index` are
-        attended to, and `cache_index` is incremented.
+        Once it exists, inputs are [batch, n, embed] with n >= 1 consecutive
+        positions (n = 1 per decode step; n > 1 prefills a prompt in one
+        pass): their keys/values are written at `cache_index ..
+        cache_index + n - 1`, query i attends to cache positions <=
+        `cache_index + i` (causal within the chunk), and `cache_index` grows
+        by n. The caller keeps `cache_index + n` within the cache length:
+        `lax.dynamic_update_slice` would clamp the write, not fail.
 
     Returns:
       [batch, q_len, embed] output.
@@ -438,10 +443,12 @@ class MultiHeadAttention(nn.Module):
                                   lambda: jnp.array(0, dtype=jnp.int32))
       if is_initialized:
         batch, max_length, num_heads, head_dim = cached_key.value.shape
-        expected = (batch, 1, num_heads, head_dim)
-        if query.shape != expected:
+        length = query.shape[1]
+        expected = (batch, length, num_heads, head_dim)
+        if query.shape != expected or not 1 <= length <= max_length:
           raise ValueError('Autoregressive cache shape error: expected query '
-                           f'shape {expected}, got {query.shape}.')
+                           f'shape ({batch}, n, {num_heads}, {head_dim}) with '
+                           f'1 <= n <= {max_length}, got {query.shape}.')
         cur_index = cache_index.value
         indices = (jnp.int32(0), cur_index, jnp.int32(0), jnp.int32(0))
         key = lax.dynamic_update_slice(cached_key.value,
@@ -452,10 +459,13 @@ class MultiHeadAttention(nn.Module):
             indices)
         cached_key.value = key
         cached_value.value = value
-        cache_index.value = cur_index + 1
-        # Cache slots after the current position hold zeros (or stale data).
-        step_mask = (jnp.arange(max_length, dtype=jnp.int32) <= cur_index
-                     )[None, None, None, :]
+        cache_index.value = cur_index + length
+        # Query i sits at position cur_index + i: it sees the cache up to
+        # itself; later slots hold zeros (or stale data) or the chunk's
+        # future.
+        query_position = cur_index + jnp.arange(length, dtype=jnp.int32)
+        step_mask = (jnp.arange(max_length, dtype=jnp.int32)[None, :] <=
+                     query_position[:, None])[None, None, :, :]
         mask = step_mask if mask is None else jnp.logical_and(
             mask.astype(jnp.bool_), step_mask)
 

@@ -271,19 +271,24 @@ class Decoder(nn.Module):
     Args:
       tokens: [batch, length] int32 token ids. Without `segment_ids`, id 0 is
         padding and is never attended to as a key. In decode mode (after the
-        cache exists) the length must be 1.
+        cache exists) `length` consecutive positions are appended to the
+        cache: 1 per step, or a whole prompt at once (prefill), with causal
+        attention within the chunk.
       segment_ids: optional [batch, length] packing ids (T5X convention: 0
         is padding, equal ids form one sequence). When given they replace the
         token-based padding rule, so a BOS token of id 0 inside a segment is
         a real key, and attention is restricted to positions with equal ids.
-        In decode mode only "0 = padding" is used (shape [batch, 1]); without
-        them every decoded token, including id 0, is a real key.
+        In decode mode only "0 = padding" is used (e.g. the left padding of a
+        prompt); without them every decoded token, including id 0, is a real
+        key.
       deterministic: disables dropout when true; when false a 'dropout' rng
         is required if `dropout_rate > 0`.
       decode: autoregressive mode using the 'cache' collection. Create the
         cache with `init_decoder_cache` (or `model.init(rng, zeros[b, L],
-        decode=True)['cache']`), then call `apply` one token at a time with
-        `mutable=['cache']`.
+        decode=True)['cache']`), then call `apply` with `mutable=['cache']`,
+        a prompt chunk or one token at a time. The caller keeps the number
+        of positions fed within the cache length L (a traced cache index
+        cannot be checked; an overflowing write would be clamped).
 
     Returns:
       [batch, length, vocab] float32 logits.
@@ -314,22 +319,29 @@ class Decoder(nn.Module):
 
     if cache_ready:
       batch, max_length = key_mask.value.shape
-      if tokens.shape != (batch, 1):
-        raise ValueError(f'decode expects tokens of shape {(batch, 1)}, got '
+      length = tokens.shape[-1]
+      if tokens.ndim != 2 or tokens.shape[0] != batch or not (
+          1 <= length <= max_length):
+        raise ValueError(f'decode expects tokens of shape ({batch}, n) with '
+                         f'1 <= n <= {max_length} (the cache length), got '
                          f'{tokens.shape}.')
+      if segment_ids is not None and segment_ids.shape != tokens.shape:
+        raise ValueError(f'segment_ids shape {segment_ids.shape} differs from '
+                         f'tokens shape {tokens.shape}.')
       # Every decoded token is a real key (so a BOS of id 0 works) unless
       # segment id 0 marks it as padding.
       is_real = (jnp.ones(tokens.shape, jnp.bool_) if segment_ids is None
                  else segment_ids != 0)
       position = cache_index.value
       # Padding is a property of keys, so remember which cached slots hold
-      # real tokens; causality is enforced by each layer's cache index.
+      # real tokens; causality (also within a multi-token chunk) is enforced
+      # by each layer's cache index.
       key_mask.value = lax.dynamic_update_slice(
           key_mask.value, is_real, (jnp.int32(0), position))
-      cache_index.value = position + 1
+      cache_index.value = position + length
       mask = key_mask.value[:, None, None, :]
-      # Only the bucket row of the current query is computed.
-      bias = relpos(1, max_length, bidirectional=False,
+      # Only the bucket rows of the current queries are computed.
+      bias = relpos(length, max_length, bidirectional=False,
                     decode_position=position)
     else:
       length = tokens.shape[-1]

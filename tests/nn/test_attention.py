@@ -220,3 +220,14 @@ def test_attention_decode_matches_full():
     outs.append(out)
   assert int(cache['cache_index']) == length
   np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-5)
+
+
+def test_relative_bias_decode_rows_of_a_chunk_match_full_matrix():
+  # A prefill of several positions computes the bias rows of all of them.
+  module = attention.RelativePositionBiases(num_heads=3, num_buckets=8,
+                                            max_distance=16)
+  variables = module.init(jax.random.key(0), 12, 12)
+  full = module.apply(variables, 12, 12)
+  rows = module.apply(variables, 4, 12, decode_position=jnp.int32(3))
+  assert rows.shape == (1, 3, 4, 12)
+  np.testing.assert_array_equal(np.asarray(rows), np.asarray(full[:, :, 3:7]))

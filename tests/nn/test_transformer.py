@@ -96,6 +96,38 @@ def test_kv_cache_decoding_matches_full_forward(scan_layers):
           jax.tree_util.tree_structure(cache))
 
 
+@pytest.mark.parametrize('scan_layers', [False, True])
+def test_prefill_chunks_match_full_forward(scan_layers):
+  # Feeding several positions per decode call (a prompt prefill) writes the
+  # cache in one pass, causal within the chunk, with the right bias rows.
+  cfg = dataclasses.replace(BASE, scan_layers=scan_layers)
+  tokens = _tokens(4)
+  tokens = tokens.at[0, 0].set(0).at[1, :3].set(0)
+  segment_ids = jnp.ones_like(tokens).at[1, :3].set(0)
+  variables = _init(cfg, tokens)
+  full = _forward_fn(cfg)(variables, tokens, segment_ids)
+  model = transformer.Decoder(cfg)
+  cache = transformer.init_decoder_cache(model, 2, LENGTH)
+  step = jax.jit(lambda c, t, s: model.apply(
+      {'params': variables['params'], 'cache': c}, t, segment_ids=s,
+      decode=True, mutable=['cache']))
+  outs = []
+  for start, stop in [(0, 5), (5, 10), (10, 11), (11, 12)]:
+    logits, mutated = step(cache, tokens[:, start:stop],
+                           segment_ids[:, start:stop])
+    cache = mutated['cache']
+    outs.append(logits)
+  real = np.asarray(segment_ids, bool)
+  np.testing.assert_allclose(
+      np.asarray(jnp.concatenate(outs, axis=1))[real], np.asarray(full)[real],
+      atol=1e-5, rtol=1e-5)
+  assert int(cache['cache_index']) == LENGTH
+  with pytest.raises(ValueError, match='cache length'):
+    model.apply({'params': variables['params'], 'cache': cache},
+                jnp.zeros((2, LENGTH + 1), jnp.int32), decode=True,
+                mutable=['cache'])
+
+
 def test_bos_token_zero_is_masked_without_segment_ids():
   # Without segment ids, id 0 is padding: a key of id 0 is invisible, so its
   # embedding cannot influence later positions.
