@@ -31,11 +31,15 @@ class DatasetConfig:
     module: a module to import first so the task is registered (e.g. 'tasks.toy').
     tfds_data_dir: the TFDS data directory the task's corpus was prepared in (`musiclm-jax
       build_data`); None: $TFDS_DATA_DIR or ~/tensorflow_datasets.
-    feature_converter: 'lm' (seqio's LMFeatureConverter: decoder inputs, targets, loss weights)
-      or 'audio' (only the features named in task_feature_lengths, each of exactly that length:
-      e.g. {'audio': 48000} gives [batch, 48000] float32 crops for the codec).
-    cache_dir: with use_cached, a cache root to add to SeqIO's global cache directories (the
-      CACHE_DIR given to `musiclm-jax tokenize`); None relies on the directories already added.
+    feature_converter: 'lm' (seqio's LMFeatureConverter: decoder inputs, targets, loss weights),
+      'prefix_lm' (seqio's PrefixLMFeatureConverter: 'inputs' and 'targets' concatenated into
+      one decoder sequence of inputs + targets positions, loss weights on the targets only;
+      packed with `pack`; the stage LMs, musiclm_jax/stages) or 'audio' (only the features
+      named in task_feature_lengths, each of exactly that length: e.g. {'audio': 48000} gives
+      [batch, 48000] float32 crops for the codec).
+    cache_dir: a cache root to add to SeqIO's global cache directories (the CACHE_DIR given to
+      `musiclm-jax tokenize`): where a cached task (use_cached), or a task that reads another
+      task's cache (the stage tasks), finds it; None relies on the directories already added.
   """
   mixture_or_task_name: str
   task_feature_lengths: Mapping[str, int]
@@ -51,13 +55,15 @@ class DatasetConfig:
   feature_converter: str = 'lm'
 
 
-FEATURE_CONVERTERS = ('lm', 'audio')
+FEATURE_CONVERTERS = ('lm', 'prefix_lm', 'audio')
 
 
 def _feature_converter(config: DatasetConfig):
   import seqio  # pylint: disable=g-import-not-at-top  # pulls TensorFlow
   if config.feature_converter == 'lm':
     return seqio.LMFeatureConverter(pack=config.pack)
+  if config.feature_converter == 'prefix_lm':
+    return seqio.PrefixLMFeatureConverter(pack=config.pack, loss_on_targets_only=True)
   if config.feature_converter == 'audio':
     # The task crops to the lengths itself (crop_to_sequence_length); _select_features keeps
     # only those features, with static shapes, so that they batch.
@@ -121,6 +127,8 @@ def get_host_dataset(config: DatasetConfig, num_epochs: Optional[int] = None,
 def _host_dataset(config: DatasetConfig, num_epochs: Optional[int], drop_remainder: bool):
   tf = quiet_tensorflow()
   import seqio  # pylint: disable=g-import-not-at-top
+  if config.cache_dir:
+    seqio.add_global_cache_dirs([config.cache_dir])
   if config.use_cached:
     _check_cache(config)
   shard_info = None

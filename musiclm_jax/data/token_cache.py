@@ -98,13 +98,19 @@ def precache_preprocessors(task) -> list[Any]:
 
 def find_tokenizers(obj: Any, _depth: int = 0, _seen: Optional[set[int]] = None
                     ) -> list[FrozenTokenizer]:
-  """FrozenTokenizers reachable from a preprocessor: partial arguments, closures, containers."""
+  """FrozenTokenizers reachable from a preprocessor: partial arguments, closures, containers.
+
+  An object with a `frozen_tokenizers()` method (a holder that builds its tokenizers on first
+  use, e.g. musiclm_jax.stages.tokens.StageTokenizers) stands for the tokenizers it returns.
+  """
   seen = set() if _seen is None else _seen
   if id(obj) in seen or _depth > 8:
     return []
   seen.add(id(obj))
   if isinstance(obj, FrozenTokenizer):
     return [obj]
+  if _is_tokenizer_holder(obj):
+    return list(obj.frozen_tokenizers())
   children: list[Any] = []
   if isinstance(obj, functools.partial):
     children = [obj.func, *obj.args, *obj.keywords.values()]
@@ -133,10 +139,16 @@ def _cell_filled(cell) -> bool:
     return False
 
 
+def _is_tokenizer_holder(obj: Any) -> bool:
+  return not isinstance(obj, type) and callable(getattr(obj, 'frozen_tokenizers', None))
+
+
 def _describe_preprocessor(p: Any) -> Any:
   """A JSON description of a preprocessor; a tokenizer stands for itself by its output feature."""
   if isinstance(p, FrozenTokenizer):
     return {'frozen_tokenizer': p.output_feature}
+  if _is_tokenizer_holder(p):
+    return {'frozen_tokenizers': [t.output_feature for t in p.frozen_tokenizers()]}
   if isinstance(p, functools.partial):
     return {'fn': _describe_preprocessor(p.func),
             'args': [_describe_preprocessor(a) for a in p.args],

@@ -1,0 +1,193 @@
+"""The stage LM: a decoder-only Transformer over a stage spec's token layout, with conditioning dropout."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Mapping, Optional
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from musiclm_jax.nn import transformer
+from musiclm_jax.stages.spec import StageSpec
+from musiclm_jax.train.models import DecoderOnlyLM, cross_entropy_with_integer_labels
+from musiclm_jax.train.optimizers import OptimizerConfig
+
+logger = logging.getLogger(__name__)
+Array = jax.Array
+
+
+def round_up(n: int, multiple: int) -> int:
+  multiple = max(1, int(multiple))
+  return -(-int(n) // multiple) * multiple
+
+
+@gin.configurable
+class StageModel(DecoderOnlyLM):
+  """One MusicLM stage: a decoder-only LM (T5 relative position bias) on a `StageSpec`'s layout.
+
+  Batches are SeqIO PrefixLM batches (DatasetConfig.feature_converter = 'prefix_lm'; the stage
+  tasks of musiclm_jax/stages/data.py give 'inputs' = the conditioning prefix and 'targets' =
+  the predicted stream): `decoder_input_tokens`, `decoder_target_tokens`,
+  `decoder_loss_weights`, and, packed, `decoder_segment_ids` / `decoder_positions` (other
+  features, such as `decoder_causal_attention`, are ignored: attention is causal throughout).
+
+  Loss: token cross entropy on the predicted stream only: `decoder_loss_weights` times "the
+  target id lies in the predicted stream's range", so a batch whose weights also cover the
+  prefix (e.g. the plain 'lm' converter) still trains only on the predicted part.
+
+  Conditioning dropout (training only, for classifier-free guidance): each example (each packed
+  segment) drops each droppable conditioning stream (MuLan, melody) independently with
+  probability `conditioning_dropout`; every token of a dropped stream, in the decoder inputs and
+  targets alike, becomes that stream's NULL id (`StageSpec.drop_streams`), so the model also
+  learns p(target | no conditioning). Predicted tokens are never touched. The draws come from
+  the step's rng inside the jitted step, so they are the same on any mesh.
+
+  Evaluation metrics ({name: (sum, weight)}): 'loss', 'accuracy' over every predicted token;
+  'loss/level_N', 'accuracy/level_N' per predicted RVQ level, N counted as the feature counts its
+  levels from 1 (coarse: 1-4, fine: 5-12; the semantic stage has level_1 only); and, when the
+  spec has droppable streams and `eval_unconditional`, 'loss_unconditional' and
+  'accuracy_unconditional' with every droppable stream dropped (the gap to 'loss' measures how
+  much the model uses its conditioning).
+
+  Args:
+    spec: the stage's token layout.
+    config: the Transformer's sizes. `vocab_size = 0` takes the spec's vocabulary rounded up to
+      `vocab_multiple`; a positive value must be at least the spec's `vocab_size`.
+    optimizer: the optimizer of the one parameter group 'model'.
+    z_loss: PaLM's z-loss weight (training).
+    conditioning_dropout: p, the per-example, per-stream probability of dropping a droppable
+      conditioning stream in training.
+    vocab_multiple: round the vocabulary up to a multiple of this (TPU-friendly table shapes and
+      an even split over the 'model' mesh axis); ids past the spec's are never targets.
+    eval_unconditional: also evaluate with the droppable streams dropped.
+  """
+
+  def __init__(self, spec: StageSpec = gin.REQUIRED,
+               config: transformer.TransformerConfig = gin.REQUIRED,
+               optimizer: OptimizerConfig = OptimizerConfig(), z_loss: float = 0.0,
+               conditioning_dropout: float = 0.0, vocab_multiple: int = 128,
+               eval_unconditional: bool = True):
+    if not 0.0 <= conditioning_dropout <= 1.0:
+      raise ValueError(f'StageModel.conditioning_dropout={conditioning_dropout}: a probability '
+                       'in [0, 1]')
+    if conditioning_dropout > 0 and not spec.droppable:
+      logger.warning('StageModel: stage %r has no droppable conditioning stream; '
+                     'conditioning_dropout=%g does nothing', spec.name, conditioning_dropout)
+    if config.vocab_size == 0:
+      config = dataclasses.replace(config, vocab_size=round_up(spec.vocab_size, vocab_multiple))
+    elif config.vocab_size < spec.vocab_size:
+      raise ValueError(f'TransformerConfig.vocab_size={config.vocab_size} is smaller than stage '
+                       f'{spec.name!r} needs ({spec.vocab_size} ids); set it to 0 to take the '
+                       "spec's\n" + spec.describe())
+    super().__init__(config, optimizer, z_loss)
+    self.spec = spec
+    self.conditioning_dropout = float(conditioning_dropout)
+    self.eval_unconditional = bool(eval_unconditional)
+
+  # ------------------------------------------------------------------------------ sizes
+  def num_params(self, length: int = 8) -> int:
+    """Parameters of the Transformer (from shapes only: nothing is computed or allocated)."""
+    tokens = jax.ShapeDtypeStruct((1, length), jnp.int32)
+    shapes = jax.eval_shape(lambda t: self.module.init(jax.random.PRNGKey(0), t), tokens)
+    return transformer.count_params(shapes['params'])
+
+  # ------------------------------------------------------------------------------ batches
+  def loss_weights(self, batch: Mapping[str, Array]) -> Array:
+    """float32 [B, L]: the batch's loss weights, restricted to predicted-stream targets."""
+    targets = batch['decoder_target_tokens']
+    weights = batch.get('decoder_loss_weights')
+    weights = jnp.ones(targets.shape, jnp.float32) if weights is None else weights
+    predicted = self.spec.target_levels(targets) >= 0
+    return weights.astype(jnp.float32) * predicted.astype(jnp.float32)
+
+  def drop_conditioning(self, batch: Mapping[str, Array], rng: Array,
+                        rate: Optional[float] = None) -> tuple[dict[str, Array], dict[str, Array]]:
+    """Conditioning dropout: (the batch with dropped streams set to NULL, their drop rates).
+
+    Args:
+      batch: a PrefixLM batch (see the class docstring).
+      rng: the draws' key.
+      rate: drop probability (default `conditioning_dropout`).
+
+    Returns:
+      (batch with `decoder_input_tokens` and `decoder_target_tokens` changed, {'dropped/NAME':
+      fraction of stream NAME's tokens in the batch that were replaced}).
+    """
+    rate = self.conditioning_dropout if rate is None else float(rate)
+    droppable = self.spec.droppable
+    batch = dict(batch)
+    if not droppable or rate <= 0.0:
+      return batch, {}
+    segments = self._segment_ids(batch).astype(jnp.int32)  # 0 = padding, k = k-th example
+    b, length = segments.shape
+    # One draw per (row, segment id, stream): a packed row's examples drop independently, and
+    # every token of one example's stream gets the same decision.
+    draws = jax.random.bernoulli(rng, rate, (b, length + 1, len(droppable)))
+    per_token = jnp.take_along_axis(draws, segments[..., None], axis=1)  # [B, L, streams]
+    drop = {s.name: per_token[..., i] for i, s in enumerate(droppable)}
+    inputs, targets = batch['decoder_input_tokens'], batch['decoder_target_tokens']
+    metrics = {}
+    for s in droppable:
+      tokens_of_stream = self.spec.in_stream(s.name, targets)
+      metrics[f'dropped/{s.name}'] = (
+          jnp.sum(tokens_of_stream & drop[s.name]) / jnp.maximum(jnp.sum(tokens_of_stream), 1))
+    batch['decoder_input_tokens'] = self.spec.drop_streams(inputs, drop)
+    batch['decoder_target_tokens'] = self.spec.drop_streams(targets, drop)
+    return batch, metrics
+
+  def unconditional(self, batch: Mapping[str, Array]) -> dict[str, Array]:
+    """The batch with every droppable stream replaced by its NULL id (guidance's other half)."""
+    batch = dict(batch)
+    for key in ('decoder_input_tokens', 'decoder_target_tokens'):
+      batch[key] = self.spec.null_prompt(batch[key])
+    return batch
+
+  # ------------------------------------------------------------------------------ steps
+  def compute_losses(self, params, model_state, batch, rng):
+    drop_rng, dropout_rng = jax.random.split(rng)
+    batch, metrics = self.drop_conditioning(batch, drop_rng)
+    logits = self.logits(params, batch, rng=dropout_rng)
+    loss_sum, correct, weight = cross_entropy_with_integer_labels(
+        logits, batch['decoder_target_tokens'], self.loss_weights(batch), self.z_loss)
+    denom = jnp.maximum(weight, 1.0)
+    loss = loss_sum / denom
+    metrics.update(loss=loss, accuracy=correct / denom)
+    return {'model': loss}, metrics, model_state
+
+  def eval_metrics(self, params, model_state, batch):
+    targets = batch['decoder_target_tokens']
+    weights = self.loss_weights(batch)
+    logits = self.logits(params, batch)
+    loss_sum, correct, weight = cross_entropy_with_integer_labels(logits, targets, weights)
+    out = {'loss': (loss_sum, weight), 'accuracy': (correct, weight)}
+    levels = self.spec.target_levels(targets)
+    for level in range(self.spec.period):
+      w = weights * (levels == level).astype(jnp.float32)
+      l_sum, l_correct, l_weight = cross_entropy_with_integer_labels(logits, targets, w)
+      number = self.spec.target.first_level + level + 1
+      out[f'loss/level_{number}'] = (l_sum, l_weight)
+      out[f'accuracy/level_{number}'] = (l_correct, l_weight)
+    if self.eval_unconditional and self.spec.droppable:
+      uncond = self.unconditional(batch)
+      u_sum, u_correct, u_weight = cross_entropy_with_integer_labels(
+          self.logits(params, uncond), uncond['decoder_target_tokens'], weights)
+      out['loss_unconditional'] = (u_sum, u_weight)
+      out['accuracy_unconditional'] = (u_correct, u_weight)
+    return out
+
+  def num_tokens(self, batch):
+    """Predicted tokens in the host batch (throughput counts what is trained on)."""
+    targets = np.asarray(batch['decoder_target_tokens'])
+    weights = np.asarray(batch.get('decoder_loss_weights', np.ones_like(targets)))
+    return int(np.sum((weights > 0) & (self.spec.target_levels(targets) >= 0)))
+
+
+def describe_model(model: StageModel) -> str:
+  """One line: stage, parameters, sizes, vocabulary (for logs and the parameter-count test)."""
+  cfg = model.config
+  return (f'stage {model.spec.name!r}: {model.num_params() / 1e6:.1f}M parameters '
+          f'({cfg.num_layers} layers, {cfg.num_heads} heads, d {cfg.embed_dim}, FF {cfg.mlp_dim} '
+          f'{cfg.activation}, vocab {cfg.vocab_size} for {model.spec.vocab_size} ids)')
