@@ -22,6 +22,9 @@ from musiclm_jax.mulan import audio as mulan_audio  # noqa: F401  ResNetAudioTow
 from musiclm_jax.mulan import model as mulan_model  # noqa: F401  MuLan, MuLanModel
 from musiclm_jax.mulan import conditioning as mulan_conditioning  # noqa: F401  fit_conditioner, load_conditioner
 from musiclm_jax.mulan import vocabulary as mulan_vocabulary  # noqa: F401  fit_text_vocab
+from musiclm_jax.melody import encoder as melody_encoder  # noqa: F401  MelodyEncoder
+from musiclm_jax.melody import model as melody_model  # noqa: F401  MelodyModel
+from musiclm_jax.melody import conditioning as melody_conditioning  # noqa: F401  fit_melody_conditioner, load_melody_conditioner
 from musiclm_jax.stages import spec as stage_spec  # noqa: F401  StageSpec, TokenSizes, *_stage_spec, stage_feature_lengths
 from musiclm_jax.stages import model as stage_model  # noqa: F401  StageModel
 from musiclm_jax.stages import tokens as stage_tokens  # noqa: F401  stage_token_model_dirs
