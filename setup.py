@@ -43,7 +43,9 @@ setuptools.setup(
     package_data={'musiclm_jax.mulan': ['assets/*.model']},
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        'test': ['pytest==9.2.0', 'pytest-xdist==3.8.0'],
+        # nbclient + ipykernel: tests/generate runs notebooks/sample.ipynb end to end.
+        'test': ['pytest==9.2.0', 'pytest-xdist==3.8.0', 'nbclient==0.11.0', 'nbformat==5.11.1',
+                 'ipykernel==7.4.0'],
     },
     entry_points={'console_scripts': ['musiclm-jax=musiclm_jax.main:console_entry']},
     license='Apache-2.0',

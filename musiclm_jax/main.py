@@ -8,6 +8,11 @@ Subcommands:
   build_data  gin-configured `musiclm_jax.data.build.build_dataset`: prepare an audio corpus as
             a TFDS dataset (--gin_file=data/embedded_music.gin, data/musiccaps.gin,
             data/audio_folder.gin)
+  assemble_pipeline  gin-configured `musiclm_jax.generate.pipeline.assemble_pipeline`: a
+            pipeline folder from the trained parts (--gin_file=runs/assemble_pipeline.gin)
+  sample    plain flags, not gin: `musiclm-jax sample --checkpoint PIPELINE_DIR --prompt TEXT
+            --seconds 30 --out out.wav [--melody F] [--continue F] [--story "a:15|b:15"]`
+            (musiclm_jax/generate/cli.py; `musiclm-jax sample --help`)
 
 Flags (each may repeat):
   --gin_file=PATH              a gin file (searched in --gin_search_paths, the working directory
@@ -37,10 +42,17 @@ COMMANDS = {
     'fit_kmeans': ('musiclm_jax.semantic.tokenizer', 'fit_kmeans'),
     'fit_text_vocab': ('musiclm_jax.mulan.vocabulary', 'fit_text_vocab'),
     'fit_conditioner': ('musiclm_jax.mulan.conditioning', 'fit_conditioner'),
+    'fit_melody_conditioner': ('musiclm_jax.melody.conditioning', 'fit_melody_conditioner'),
+    'assemble_pipeline': ('musiclm_jax.generate.pipeline', 'assemble_pipeline'),
 }
 SUBCOMMANDS = tuple(COMMANDS)
+# Subcommands with their own plain flags (no gin): name -> (module, function(argv) -> status).
+PLAIN_COMMANDS = {
+    'sample': ('musiclm_jax.generate.cli', 'sample_main'),
+}
 # Data jobs report progress at INFO; training reports through its progress bar and summaries.
-_INFO_BY_DEFAULT = ('tokenize', 'build_data', 'fit_kmeans', 'fit_conditioner', 'fit_text_vocab')
+_INFO_BY_DEFAULT = ('tokenize', 'build_data', 'fit_kmeans', 'fit_conditioner', 'fit_text_vocab',
+                    'fit_melody_conditioner')
 REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             'gin_configs')
 
@@ -217,6 +229,9 @@ def run(argv: Sequence[str]) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
+  if argv and argv[0] in PLAIN_COMMANDS:
+    module_name, fn_name = PLAIN_COMMANDS[argv[0]]
+    return getattr(importlib.import_module(module_name), fn_name)(argv[1:])
   try:
     return run(argv)
   except UsageError as e:

@@ -1,0 +1,1113 @@
+"""The text-to-music pipeline: a checkpoint folder; text, melody, continuation or story -> audio.
+
+MusicLM generates in three stages, each a decoder-only LM over a `StageSpec` layout
+(musiclm_jax/stages): text -> MuLan text tokens (+ melody tokens of a hummed tune) -> semantic
+tokens (25 Hz) -> coarse SoundStream tokens (levels 1-4, 50 Hz) -> fine tokens (levels 5-12)
+-> SoundStream decoder -> 24 kHz audio.
+
+The pipeline folder (`assemble_pipeline` writes it, atomically; `Pipeline.load` reads and checks
+it):
+
+  pipeline.json          format, sample rate, the sub-folder of every part, and the sampling
+                         defaults of each stage: temperature (the paper's 1.0 / 0.95 / 0.4),
+                         top_k, top_p, guidance_scale, window_seconds (the stage's training
+                         crop) and stride_seconds (half the window for the semantic and coarse
+                         stages, as the paper's 15 s stride over 30 s; the whole window, i.e.
+                         non-overlapping chunks, for the fine stage)
+  codec/                 the SoundStream (export.save_codec: generator weights and codebooks)
+  semantic_tokenizer/    the w2v-BERT + k-means tokenizer (musiclm_jax/semantic/tokenizer.py)
+  mulan_conditioner/     MuLan and its RVQ (musiclm_jax/mulan/conditioning.py)
+  melody_conditioner/    optional: the melody embedder and its RVQ (musiclm_jax/melody)
+  semantic_stage/, coarse_stage/, fine_stage/   the stage LMs (export.save_stage: parameters
+                         only, spec and Transformer config)
+
+`Pipeline.load` refuses a folder whose parts disagree, naming the part: a stage's stream whose
+codebook size, hop or levels differ from the tokenizer, codec or conditioner that makes those
+tokens, a stage conditioning on tokens no earlier stage produces, a melody stream without a
+melody conditioner, a window that is not whole frames.
+
+Generation (`Pipeline.generate`; `generate_tokens` also returns every stage's tokens and a
+record of its decode windows):
+  * Conditioning: the MuLan text tokens of the prompt (text=None: the MuLan stream set to its
+    NULL id, i.e. unconditional; a continuation without text: the MuLan audio tokens of the
+    given clip); with `melody`, the melody tokens of the tune, looped to the length generated,
+    for each semantic window the tokens of the stretch of the tune under that window.
+  * Classifier-free guidance on the stages with droppable conditioning (the unconditional
+    prompt replaces MuLan and melody tokens by their NULL ids); the fine stage has none.
+  * Longer than a stage's window: sliding windows (musiclm_jax/generate/windows.py): each window
+    after the first takes the last `window - stride` seconds of its own stream as prefix and
+    generates `stride` more, with the earlier stages' tokens of the whole window as conditions.
+    Windows that need no prefix (the fine stage's non-overlapping chunks) are decoded together
+    as one batch (`decode_chunks`).
+  * Story mode: (text, seconds) segments; the MuLan tokens switch at each boundary: a window
+    stops at the next boundary, and the units it generates use the MuLan tokens of the segment
+    they fall in (the semantic and coarse stages; the fine stage reads no MuLan tokens).
+  * Continuation: the clip (its last whole 40 ms units) is tokenized by the semantic tokenizer
+    and the codec; its tokens are the already-generated prefix of every stage; the result is
+    the `seconds` that follow the clip (decoded with the clip's codes as the codec decoder's
+    left context, so the audio continues the codec's rendering of the clip seamlessly).
+  * Audio: the SoundStream decoder over the whole code sequence, chunked with left context
+    (`soundstream.decode_chunked`: equal to decoding it at once, no seams).
+
+Prompts: str (any Unicode; MuLan's text tokenizer normalises it), at most `MAX_PROMPT_CHARS`
+characters (the text tower reads only its first `text_length` tokens, 64 by default: a longer
+prompt is refused with a clear error instead of being cut silently); an empty or blank prompt
+is an error (pass text=None for unconditional generation).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import gin
+import jax
+import numpy as np
+
+from musiclm_jax.generate import decoding
+from musiclm_jax.generate import export
+from musiclm_jax.generate.windows import Window, plan_windows
+from musiclm_jax.stages.spec import (CODEC_FEATURE, MELODY_FEATURE, MULAN_FEATURE,
+                                     SEMANTIC_FEATURE, StageSpec)
+
+logger = logging.getLogger(__name__)
+
+FORMAT = 'musiclm_jax.pipeline/1'
+RECORD = 'pipeline.json'
+SAMPLE_RATE = 24000
+STAGES = ('semantic', 'coarse', 'fine')
+# Sub-folder of each part (pipeline.json records them; these are what assemble_pipeline writes).
+PART_DIRS = {
+    'codec': 'codec',
+    'semantic_tokenizer': 'semantic_tokenizer',
+    'mulan_conditioner': 'mulan_conditioner',
+    'melody_conditioner': 'melody_conditioner',
+    'semantic_stage': 'semantic_stage',
+    'coarse_stage': 'coarse_stage',
+    'fine_stage': 'fine_stage',
+}
+OPTIONAL_PARTS = ('melody_conditioner',)
+# The paper's sampling temperatures (Agostinelli et al., 2023, section 3.4).
+PAPER_TEMPERATURES = {'semantic': 1.0, 'coarse': 0.95, 'fine': 0.4}
+# Guidance of the stages with droppable conditioning, when their training dropped it (not the
+# paper's, which does not use guidance; MusicGen's value). 1.0 where training never dropped it.
+DEFAULT_GUIDANCE_SCALE = 3.0
+MAX_PROMPT_CHARS = 1000
+MAX_SECONDS = 600.0
+MIN_MELODY_SECONDS = 1.0
+# Tokens per jitted decode call when a progress bar is shown.
+STEPS_PER_CALL = 64
+
+AudioLike = Union[np.ndarray, str, os.PathLike]
+StageValues = Union[None, float, int, Mapping[str, float], Sequence[float]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling settings.
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSampling:
+  """How one stage samples (pipeline.json's per-stage defaults; `generate` may override).
+
+  Attributes:
+    temperature: softmax temperature (0 = greedy).
+    top_k: keep the k most likely ids (0 = all).
+    top_p: nucleus mass (1 = all).
+    guidance_scale: classifier-free guidance (1 = plain conditional sampling; ignored by
+      stages without droppable conditioning).
+    window_seconds: the decode window (the stage's training crop by default).
+    stride_seconds: seconds generated per window after the first (<= window_seconds).
+  """
+  temperature: float
+  window_seconds: float
+  stride_seconds: float
+  top_k: int = 0
+  top_p: float = 1.0
+  guidance_scale: float = 1.0
+
+  def __post_init__(self):
+    if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+      raise ValueError(f'StageSampling: temperature ({self.temperature}) and top_k '
+                       f'({self.top_k}) must be >= 0, top_p ({self.top_p}) in (0, 1]')
+    if not 0 < self.stride_seconds <= self.window_seconds:
+      raise ValueError(f'StageSampling: stride_seconds ({self.stride_seconds}) must lie in (0, '
+                       f'window_seconds={self.window_seconds}]')
+
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_json(cls, entry: Mapping[str, Any], where: str) -> 'StageSampling':
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(entry) - known)
+    if unknown:
+      raise ValueError(f'{where}: unknown sampling settings {unknown} (known: {sorted(known)})')
+    try:
+      return cls(**{k: (int(v) if k == 'top_k' else float(v)) for k, v in entry.items()})
+    except TypeError as e:
+      raise ValueError(f'{where}: {e}') from e
+
+
+def _per_stage(value: StageValues, what: str, stages: Sequence[str] = STAGES
+               ) -> dict[str, float]:
+  """A scalar, {stage: value} or one value per stage as {stage: value} (missing stages left out).
+  """
+  if value is None:
+    return {}
+  if isinstance(value, Mapping):
+    unknown = sorted(set(value) - set(stages))
+    if unknown:
+      raise ValueError(f'{what}: unknown stages {unknown} (the stages are {list(stages)})')
+    return dict(value)
+  if isinstance(value, (int, float, np.integer, np.floating)):
+    return {s: value for s in stages}
+  values = list(value)
+  if len(values) != len(stages):
+    raise ValueError(f'{what}: give one value per stage {list(stages)}, got {values}')
+  return dict(zip(stages, values))
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts, stories, audio inputs.
+
+
+def check_prompt(text: Any, what: str = 'prompt') -> str:
+  """The prompt if usable; ValueError naming the problem (not a str, empty, too long)."""
+  if not isinstance(text, str):
+    raise ValueError(f'{what} must be a str, got {type(text).__name__}')
+  if not text.strip():
+    raise ValueError(f'{what} is empty: describe the music (or pass text=None for '
+                     'unconditional generation)')
+  if len(text) > MAX_PROMPT_CHARS:
+    raise ValueError(f'{what} is {len(text):,} characters long; the limit is '
+                     f'{MAX_PROMPT_CHARS:,} (MuLan reads only the first 64 text tokens, about '
+                     '40 words: shorten it)')
+  return text
+
+
+def parse_story(story: Union[str, Sequence[tuple[str, float]]]) -> list[tuple[str, float]]:
+  """Story segments [(text, seconds)] from a list, or from 'text one:15|text two:15'.
+
+  In the string form segments are separated by '|' and each ends with ':SECONDS' (the last
+  colon counts, so a text may contain colons, but not '|').
+
+  Raises:
+    ValueError: naming the segment at fault (no seconds, seconds not a positive number, an
+      empty or too long text, no segments).
+  """
+  if isinstance(story, str):
+    segments = []
+    for i, part in enumerate(story.split('|')):
+      text, sep, seconds = part.rpartition(':')
+      if not sep:
+        raise ValueError(f'story segment {i + 1} {part!r}: expected TEXT:SECONDS')
+      try:
+        value = float(seconds)
+      except ValueError as e:
+        raise ValueError(f'story segment {i + 1} {part!r}: {seconds!r} is not a number of '
+                         'seconds') from e
+      segments.append((text.strip(), value))
+  else:
+    segments = []
+    for i, item in enumerate(story):
+      try:
+        text, value = item
+      except (TypeError, ValueError) as e:
+        raise ValueError(f'story segment {i + 1}: expected (text, seconds), got {item!r}') from e
+      segments.append((text, value))
+  if not segments:
+    raise ValueError('the story has no segments')
+  out = []
+  for i, (text, value) in enumerate(segments):
+    check_prompt(text, f'story segment {i + 1} text')
+    if not isinstance(value, (int, float, np.integer, np.floating)) or not (
+        math.isfinite(value) and value > 0):
+      raise ValueError(f'story segment {i + 1} ({text!r}): seconds must be a positive number, '
+                       f'got {value!r}')
+    out.append((text, float(value)))
+  return out
+
+
+def read_audio_input(audio: AudioLike, what: str) -> np.ndarray:
+  """float32 mono 24 kHz samples of a path or an array ([samples] or [1, samples]).
+
+  Raises:
+    ValueError: a file that cannot be read (the message names it and why), an array that is
+      not one clip of finite samples.
+  """
+  if isinstance(audio, (str, os.PathLike)):
+    from musiclm_jax.audio.io import AudioError, load_audio  # pylint: disable=g-import-not-at-top
+    try:
+      return load_audio(audio, SAMPLE_RATE)
+    except AudioError as e:
+      raise ValueError(f'{what} file {os.fspath(audio)} cannot be used: {e.reason}'
+                       + (f' ({e.detail})' if e.detail else '')) from e
+  wav = np.asarray(audio, np.float32)
+  if wav.ndim == 2 and wav.shape[0] == 1:
+    wav = wav[0]
+  if wav.ndim != 1 or wav.size == 0:
+    raise ValueError(f'{what} must be 24 kHz mono samples [samples] (or a file path), got an '
+                     f'array of shape {wav.shape}')
+  if not np.all(np.isfinite(wav)):
+    raise ValueError(f'{what} has NaN or Inf samples')
+  return wav
+
+
+# ---------------------------------------------------------------------------------------------
+# The results.
+
+
+@dataclasses.dataclass
+class WindowRecord:
+  """One decode call: which stage, which window, its prompt (for inspection and tests).
+
+  Attributes:
+    stage: 'semantic', 'coarse' or 'fine'.
+    window: the window in the stage's units (windows.Window).
+    unit_samples: audio samples per unit of this stage.
+    prompt: int32 [batch, P] the decoded prompt (BOS, conditions, predicted-stream prefix).
+    steps: tokens generated.
+    batched: decoded together with other prefix-free windows (decode_chunks).
+  """
+  stage: str
+  window: Window
+  unit_samples: int
+  prompt: np.ndarray
+  steps: int
+  batched: bool = False
+
+  def seconds(self) -> tuple[float, float]:
+    """(start, stop) of the generated stretch in seconds from the start of the tokens."""
+    return (self.window.prefix_end * self.unit_samples / SAMPLE_RATE,
+            self.window.stop * self.unit_samples / SAMPLE_RATE)
+
+
+@dataclasses.dataclass
+class Generation:
+  """What `Pipeline.generate_tokens` returns.
+
+  Attributes:
+    audio: float32 [batch, samples] at 24 kHz: the generated audio only (a continuation's clip
+      is not repeated).
+    semantic_tokens: int32 [batch, frames] (a continuation's tokens first).
+    codec_tokens: int32 [batch, frames, levels] (coarse then fine levels).
+    prompt_frames: {'semantic_tokens': frames, 'codec_tokens': frames} given by the
+      continuation clip (0 without one).
+    windows: every decode call, in order.
+    boundaries_seconds: story boundaries, seconds from the start of the generated audio.
+    sample_rate: 24000.
+  """
+  audio: np.ndarray
+  semantic_tokens: np.ndarray
+  codec_tokens: np.ndarray
+  prompt_frames: dict[str, int]
+  windows: list[WindowRecord]
+  boundaries_seconds: list[float]
+  sample_rate: int = SAMPLE_RATE
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking a folder.
+
+
+class PipelineError(ValueError):
+  """A pipeline folder that is incomplete or whose parts do not fit together."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _PartSizes:
+  """What the frozen parts produce, read from their records (no weights loaded)."""
+  codec_levels: int
+  codec_codes: int
+  codec_hop: int
+  sample_rate: int
+  semantic_codes: int
+  semantic_hop: int
+  mulan_levels: int
+  mulan_codes: int
+  melody_levels: Optional[int] = None
+  melody_codes: Optional[int] = None
+
+
+def _read_json(path: str, what: str) -> dict[str, Any]:
+  if not os.path.isfile(path):
+    raise PipelineError(f'{path}: missing; {what}')
+  try:
+    with open(path, encoding='utf-8') as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise PipelineError(f'{path}: unreadable ({e})') from e
+
+
+def read_pipeline_record(folder: str) -> dict[str, Any]:
+  """pipeline.json of a pipeline folder (format checked)."""
+  record = _read_json(os.path.join(folder, RECORD),
+                      'not a pipeline folder (make one with assemble_pipeline)')
+  if record.get('format') != FORMAT:
+    raise PipelineError(f'{os.path.join(folder, RECORD)}: format {record.get("format")!r}, '
+                        f'expected {FORMAT!r}')
+  return record
+
+
+def _part_path(folder: str, record: Mapping[str, Any], part: str) -> Optional[str]:
+  name = record.get('parts', {}).get(part)
+  if name is None:
+    if part in OPTIONAL_PARTS:
+      return None
+    raise PipelineError(f'{folder}/{RECORD} names no {part} folder')
+  if os.path.basename(name) != name or name in ('', '.', '..'):
+    raise PipelineError(f'{folder}/{RECORD}: the {part} folder {name!r} must be a plain name '
+                        'inside the pipeline folder')
+  path = os.path.join(folder, name)
+  if not os.path.isdir(path):
+    raise PipelineError(f'{folder}: the {part.replace("_", " ")} folder {name}/ is missing')
+  return path
+
+
+def _record_or_error(load: Callable[[str], dict[str, Any]], path: str, part: str
+                     ) -> dict[str, Any]:
+  try:
+    return load(path)
+  except (FileNotFoundError, ValueError) as e:
+    raise PipelineError(f'the {part.replace("_", " ")} ({path}): {e}') from e
+
+
+def _part_sizes(folder: str, record: Mapping[str, Any]) -> tuple[_PartSizes, dict[str, Any]]:
+  """Sizes of the frozen parts and the stage records, from their JSON records only."""
+  from musiclm_jax.melody.conditioning import read_melody_conditioner_record  # pylint: disable=g-import-not-at-top
+  from musiclm_jax.mulan.conditioning import read_conditioner_record  # pylint: disable=g-import-not-at-top
+  from musiclm_jax.semantic.tokenizer import encoder_from_config, read_tokenizer_record  # pylint: disable=g-import-not-at-top
+  codec = _record_or_error(export.read_codec_record, _part_path(folder, record, 'codec'),
+                           'codec')
+  tok_path = _part_path(folder, record, 'semantic_tokenizer')
+  tokenizer = _record_or_error(read_tokenizer_record, tok_path, 'semantic_tokenizer')
+  mulan = _record_or_error(read_conditioner_record,
+                           _part_path(folder, record, 'mulan_conditioner'), 'mulan_conditioner')
+  melody_path = _part_path(folder, record, 'melody_conditioner')
+  melody = (None if melody_path is None else _record_or_error(
+      read_melody_conditioner_record, melody_path, 'melody_conditioner'))
+  try:
+    semantic_hop = encoder_from_config(tokenizer['encoder']).hop_samples
+  except (KeyError, TypeError, ValueError) as e:
+    raise PipelineError(f'the semantic tokenizer ({tok_path}): unreadable encoder config ({e})'
+                        ) from e
+  sizes = _PartSizes(
+      codec_levels=int(codec['num_levels']), codec_codes=int(codec['codebook_size']),
+      codec_hop=int(codec['hop_length']), sample_rate=int(codec['sample_rate']),
+      semantic_codes=int(tokenizer['num_clusters']), semantic_hop=int(semantic_hop),
+      mulan_levels=int(mulan['num_levels']), mulan_codes=int(mulan['codebook_size']),
+      melody_levels=None if melody is None else int(melody['num_levels']),
+      melody_codes=None if melody is None else int(melody['codebook_size']))
+  stages = {}
+  for stage in STAGES:
+    part = f'{stage}_stage'
+    stages[stage] = _record_or_error(export.read_stage_record,
+                                     _part_path(folder, record, part), part)
+  return sizes, stages
+
+
+def check_parts(sizes: _PartSizes, specs: Mapping[str, StageSpec], folder: str = '') -> None:
+  """Raises PipelineError unless the stages' token streams fit the frozen parts and each other.
+
+  Every stream is checked against the model that makes its tokens (semantic tokens: the
+  semantic tokenizer; codec tokens: the SoundStream; MuLan / melody tokens: the conditioners):
+  codebook size, levels, hop, sample rate. A time-aligned condition must be produced by an
+  earlier stage, no codec level twice, and the codec levels produced must start at level 1.
+  """
+  where = f'pipeline {folder}: ' if folder else ''
+  produced: dict[str, set[int]] = {}
+  for stage in STAGES:
+    spec = specs[stage]
+    if spec.sample_rate != sizes.sample_rate:
+      raise PipelineError(f'{where}the {stage} stage works at {spec.sample_rate} Hz, the codec '
+                          f'at {sizes.sample_rate} Hz')
+    for s in spec.streams:
+      name = f'{where}the {stage} stage\'s stream {s.name!r} ({s.feature})'
+      levels = range(s.first_level, s.first_level + s.num_levels)
+      if s.feature == SEMANTIC_FEATURE:
+        expected = dict(codebook_size=sizes.semantic_codes, hop_samples=sizes.semantic_hop)
+        maker = 'the semantic tokenizer'
+        if s.num_levels != 1 or s.first_level:
+          raise PipelineError(f'{name}: semantic tokens have one level, the stream reads '
+                              f'levels {list(levels)}')
+      elif s.feature == CODEC_FEATURE:
+        expected = dict(codebook_size=sizes.codec_codes, hop_samples=sizes.codec_hop)
+        maker = 'the codec'
+        if levels.stop > sizes.codec_levels:
+          raise PipelineError(f'{name}: reads codec levels {levels.start + 1}..{levels.stop}, '
+                              f'but the codec has {sizes.codec_levels}')
+      elif s.feature == MULAN_FEATURE:
+        expected = dict(codebook_size=sizes.mulan_codes, num_levels=sizes.mulan_levels,
+                        frames=1)
+        maker = 'the MuLan conditioner'
+      elif s.feature == MELODY_FEATURE:
+        if sizes.melody_levels is None:
+          raise PipelineError(f'{name}: the stage conditions on melody tokens, but the pipeline '
+                              'has no melody conditioner (assemble it with '
+                              'melody_conditioner_dir)')
+        expected = dict(codebook_size=sizes.melody_codes, num_levels=sizes.melody_levels)
+        maker = 'the melody conditioner'
+      else:
+        raise PipelineError(f'{name}: no part of the pipeline makes {s.feature!r} tokens')
+      for field, value in expected.items():
+        if getattr(s, field) != value:
+          raise PipelineError(f'{name}: {field} {getattr(s, field)}, but {maker} has {value} '
+                              '(the stage was trained on tokens of other models)')
+      if s is not spec.target and s.time_aligned:
+        missing = set(levels) - produced.get(s.feature, set())
+        if missing:
+          raise PipelineError(f'{name}: the stage conditions on {s.feature} levels '
+                              f'{sorted(l + 1 for l in missing)}, which no earlier stage '
+                              'generates')
+    target = spec.target
+    levels = set(range(target.first_level, target.first_level + target.num_levels))
+    if levels & produced.get(target.feature, set()):
+      raise PipelineError(f'{where}the {stage} stage generates {target.feature} levels an '
+                          'earlier stage generates already')
+    produced.setdefault(target.feature, set()).update(levels)
+  if SEMANTIC_FEATURE not in produced:
+    raise PipelineError(f'{where}no stage generates semantic tokens')
+  codec_levels = produced.get(CODEC_FEATURE, set())
+  if not codec_levels or codec_levels != set(range(len(codec_levels))):
+    raise PipelineError(f'{where}the stages generate codec levels '
+                        f'{sorted(l + 1 for l in codec_levels)}; they must be 1..n')
+
+
+def _default_sampling(stage: str, spec: StageSpec, record: Mapping[str, Any]) -> StageSampling:
+  window = float(record['crop_seconds'])
+  unit = spec.crop_unit_samples
+  window_units = spec.crop_samples(window) // unit
+  stride_units = window_units if stage == 'fine' else max(1, window_units // 2)
+  guided = bool(spec.droppable) and float(record.get('conditioning_dropout', 0.0)) > 0
+  return StageSampling(temperature=PAPER_TEMPERATURES[stage], window_seconds=window,
+                       stride_seconds=stride_units * unit / spec.sample_rate,
+                       guidance_scale=DEFAULT_GUIDANCE_SCALE if guided else 1.0)
+
+
+def _sampling_from_record(record: Mapping[str, Any], specs: Mapping[str, StageSpec],
+                          where: str) -> dict[str, StageSampling]:
+  out = {}
+  entries = record.get('sampling', {})
+  for stage in STAGES:
+    if stage not in entries:
+      raise PipelineError(f'{where}: no sampling settings for the {stage} stage')
+    sampling = StageSampling.from_json(entries[stage], f'{where} sampling.{stage}')
+    spec = specs[stage]
+    for field in ('window_seconds', 'stride_seconds'):
+      try:
+        spec.crop_samples(getattr(sampling, field))
+      except ValueError as e:
+        raise PipelineError(f'{where} sampling.{stage}.{field}: {e}') from e
+    out[stage] = sampling
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Assembling a folder.
+
+
+def _copy_or_export(source: str, target: str, part: str, params_dtype: str) -> str:
+  """Copies an exported part into the folder, or exports a training run into it."""
+  from musiclm_jax.data.model_dir import VARIABLES  # pylint: disable=g-import-not-at-top
+  source = os.fspath(source)
+  if not os.path.isdir(source):
+    raise FileNotFoundError(f'assemble_pipeline: the {part.replace("_", " ")} {source!r} is not '
+                            'a directory')
+  records = {'codec': export.CODEC_RECORD, 'semantic_tokenizer': 'tokenizer.json',
+             'mulan_conditioner': 'conditioner.json',
+             'melody_conditioner': 'melody_conditioner.json'}
+  record = records.get(part, export.STAGE_RECORD)
+  if os.path.isfile(os.path.join(source, record)):
+    if not os.path.isdir(os.path.join(source, VARIABLES)):
+      raise FileNotFoundError(f'assemble_pipeline: {source} has {record} but no {VARIABLES}/')
+    if part.endswith('_stage') or part == 'codec':
+      # An exported part in another dtype is re-saved; otherwise copied as it is.
+      saved = _read_json(os.path.join(source, record), '')
+      if saved.get('params_dtype', 'float32') != params_dtype:
+        return _resave(source, target, part, params_dtype)
+    shutil.copytree(source, target)
+    return target
+  if part in ('codec',) or part.endswith('_stage'):
+    if not os.path.isfile(os.path.join(source, 'config.gin')):
+      raise FileNotFoundError(f'assemble_pipeline: the {part.replace("_", " ")} {source} is '
+                              f'neither an exported part ({record}) nor a training run '
+                              '(config.gin + checkpoints/)')
+    if part == 'codec':
+      return export.export_codec(source, target, params_dtype=params_dtype)
+    return export.export_stage(source, target, params_dtype=params_dtype)
+  raise FileNotFoundError(f'assemble_pipeline: the {part.replace("_", " ")} {source} has no '
+                          f'{record}')
+
+
+def _resave(source: str, target: str, part: str, params_dtype: str) -> str:
+  if part == 'codec':
+    generator, variables = export.load_codec_dir(source)
+    info = {k: v for k, v in export.read_codec_record(source).items() if k == 'source'}
+    return export.save_codec(target, generator, variables, params_dtype=params_dtype,
+                             info=info)
+  model, params, record = export.load_stage_dir(source)
+  info = {k: v for k, v in record.items() if k == 'source'}
+  return export.save_stage(target, model, params, crop_seconds=record['crop_seconds'],
+                           params_dtype=params_dtype, info=info)
+
+
+@gin.configurable
+def assemble_pipeline(out_dir: str = gin.REQUIRED,
+                      codec_dir: str = gin.REQUIRED,
+                      semantic_tokenizer_dir: str = gin.REQUIRED,
+                      mulan_conditioner_dir: str = gin.REQUIRED,
+                      semantic_stage_dir: str = gin.REQUIRED,
+                      coarse_stage_dir: str = gin.REQUIRED,
+                      fine_stage_dir: str = gin.REQUIRED,
+                      melody_conditioner_dir: Optional[str] = None,
+                      sampling: Optional[Mapping[str, Mapping[str, float]]] = None,
+                      params_dtype: str = 'float32',
+                      overwrite: bool = False) -> str:
+  """`musiclm-jax assemble_pipeline`: writes a pipeline folder (module docstring), atomically.
+
+  Each part is given as an exported directory (copied) or, for the codec and the stages, as a
+  training run directory (exported: parameters only, no optimizer state). The folder is
+  written beside `out_dir`, checked (`check_parts`: every stage's streams against the codec,
+  tokenizer and conditioners), and only then moved into place; an existing `out_dir` is
+  replaced only with `overwrite` (and put back if the replacement fails).
+
+  Args:
+    out_dir: the pipeline folder to write.
+    codec_dir: a codec run or exported codec directory.
+    semantic_tokenizer_dir: a `musiclm-jax fit_kmeans` tokenizer directory.
+    mulan_conditioner_dir: a `musiclm-jax fit_conditioner` directory.
+    semantic_stage_dir, coarse_stage_dir, fine_stage_dir: stage runs or exported stage dirs.
+    melody_conditioner_dir: optional `musiclm-jax fit_melody_conditioner` directory (required
+      when the semantic stage conditions on melody tokens).
+    sampling: {stage: {setting: value}} overriding the defaults (StageSampling fields: the
+      paper's temperatures 1.0 / 0.95 / 0.4, top_k 0, top_p 1, guidance 3 where the stage was
+      trained with conditioning dropout, window = the training crop, stride = half of it, the
+      fine stage's = the window).
+    params_dtype: 'float32' or 'bfloat16' for the exported stage and codec parameters.
+    overwrite: replace an existing out_dir.
+
+  Returns:
+    The folder's absolute path.
+  """
+  out_dir = os.path.abspath(os.fspath(out_dir))
+  if os.path.exists(out_dir) and not overwrite:
+    raise FileExistsError(f'{out_dir} exists; pass overwrite=True to replace it')
+  if params_dtype not in export.PARAMS_DTYPES:
+    raise ValueError(f'params_dtype must be one of {export.PARAMS_DTYPES}, got {params_dtype!r}')
+  sources = {'codec': codec_dir, 'semantic_tokenizer': semantic_tokenizer_dir,
+             'mulan_conditioner': mulan_conditioner_dir,
+             'melody_conditioner': melody_conditioner_dir,
+             'semantic_stage': semantic_stage_dir, 'coarse_stage': coarse_stage_dir,
+             'fine_stage': fine_stage_dir}
+  overrides = _per_stage_mapping(sampling)
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  prefix = f'.{os.path.basename(out_dir)}-'
+  staging = tempfile.mkdtemp(prefix=prefix + 'new-', dir=parent)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would make the folder private
+  try:
+    parts = {}
+    for part, source in sources.items():
+      if source is None:
+        continue
+      _copy_or_export(source, os.path.join(staging, PART_DIRS[part]), part, params_dtype)
+      parts[part] = PART_DIRS[part]
+    record = {'format': FORMAT, 'sample_rate': SAMPLE_RATE, 'parts': parts}
+    sizes, stage_records = _part_sizes(staging, record)
+    specs = {s: export.spec_from_json(stage_records[s]['spec']) for s in STAGES}
+    check_parts(sizes, specs, out_dir)
+    settings = {}
+    for stage in STAGES:
+      default = _default_sampling(stage, specs[stage], stage_records[stage]).to_json()
+      default.update(overrides.get(stage, {}))
+      settings[stage] = StageSampling.from_json(default, f'sampling.{stage}').to_json()
+    record.update(
+        sampling=settings, max_prompt_chars=MAX_PROMPT_CHARS,
+        sources={part: os.path.abspath(os.fspath(s)) for part, s in sources.items() if s},
+        params_dtype=params_dtype)
+    _sampling_from_record(record, specs, out_dir)  # window and stride are whole frames
+    with open(os.path.join(staging, RECORD), 'w', encoding='utf-8') as f:
+      json.dump(record, f, indent=2, sort_keys=True)
+    _move_into_place(staging, out_dir, prefix, parent)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  print(f'assemble_pipeline: wrote {out_dir} ({export.describe_dir_size(out_dir) / 1e6:.1f} MB)')
+  return out_dir
+
+
+def _per_stage_mapping(sampling: Optional[Mapping[str, Mapping[str, Any]]]
+                       ) -> dict[str, dict[str, Any]]:
+  if not sampling:
+    return {}
+  unknown = sorted(set(sampling) - set(STAGES))
+  if unknown:
+    raise ValueError(f'sampling: unknown stages {unknown} (the stages are {list(STAGES)})')
+  return {k: dict(v) for k, v in sampling.items()}
+
+
+def _move_into_place(staging: str, out_dir: str, prefix: str, parent: str) -> None:
+  old = None
+  if os.path.exists(out_dir):
+    old = tempfile.mkdtemp(prefix=prefix + 'old-', dir=parent)
+    os.rmdir(old)
+    os.replace(out_dir, old)
+  try:
+    os.replace(staging, out_dir)
+  except BaseException:
+    if old:
+      os.replace(old, out_dir)
+    raise
+  if old:
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline.
+
+
+@dataclasses.dataclass
+class _Stage:
+  name: str
+  model: Any            # StageModel
+  params: Any           # the Decoder's params, on the device
+  spec: StageSpec
+  vocab_mask: np.ndarray
+  record: dict[str, Any]
+
+  @property
+  def unit(self) -> int:
+    return self.spec.crop_unit_samples
+
+  def units(self, seconds: float) -> int:
+    return self.spec.crop_samples(seconds) // self.unit
+
+
+class Pipeline:
+  """A loaded pipeline folder: `generate` text / melody / continuation / story -> 24 kHz audio.
+
+  Use `Pipeline.load(folder)` (or `load_pipeline`). Attributes: `folder`, `record`
+  (pipeline.json), `sampling` ({stage: StageSampling}), `stages`, `codec`, `mulan`,
+  `melody` (None without a melody conditioner).
+  """
+
+  def __init__(self, folder: str, record: dict[str, Any]):
+    """Loads and checks every part (see `Pipeline.load`)."""
+    from musiclm_jax.data.frozen_tokenizer import _restore_numpy  # pylint: disable=g-import-not-at-top
+    from musiclm_jax.data.model_dir import VARIABLES  # pylint: disable=g-import-not-at-top
+    from musiclm_jax.melody.conditioning import load_melody_conditioner  # pylint: disable=g-import-not-at-top
+    from musiclm_jax.mulan.conditioning import load_conditioner  # pylint: disable=g-import-not-at-top
+    from musiclm_jax.semantic.tokenizer import tokenizer_module  # pylint: disable=g-import-not-at-top
+    self.folder = folder
+    self.record = record
+    sizes, stage_records = _part_sizes(folder, record)
+    specs = {}
+    for stage in STAGES:
+      try:
+        specs[stage] = export.spec_from_json(stage_records[stage]['spec'])
+      except (KeyError, ValueError) as e:
+        raise PipelineError(f'the {stage} stage ({folder}/{stage}_stage): {e}') from e
+    check_parts(sizes, specs, folder)
+    self.sampling = _sampling_from_record(record, specs, f'{folder}/{RECORD}')
+    self._sizes = sizes
+
+    self.codec, variables = export.load_codec_dir(_part_path(folder, record, 'codec'))
+    self.codec_variables = jax.device_put(variables)
+    tok_dir = _part_path(folder, record, 'semantic_tokenizer')
+    self.semantic_tokenizer = tokenizer_module(tok_dir)
+    tok_params = _restore_numpy(os.path.join(os.path.abspath(tok_dir), VARIABLES),
+                                {'params': 'params'})['params']
+    self._tokenizer_params = jax.device_put(tok_params)
+    tokenizer = self.semantic_tokenizer
+    self._tokenize = jax.jit(lambda p, a: tokenizer.apply({'params': p}, a, method='tokenize'))
+    self.mulan = load_conditioner(_part_path(folder, record, 'mulan_conditioner'))
+    melody_dir = _part_path(folder, record, 'melody_conditioner')
+    self.melody = None if melody_dir is None else load_melody_conditioner(melody_dir)
+    self.stages: dict[str, _Stage] = {}
+    for stage in STAGES:
+      model, params, stage_record = export.load_stage_dir(
+          _part_path(folder, record, f'{stage}_stage'))
+      self.stages[stage] = _Stage(stage, model, jax.device_put(params), model.spec,
+                                  model.spec.vocab_mask(model.config.vocab_size), stage_record)
+    self.codec_levels = max(s.spec.target.first_level + s.spec.target.num_levels
+                            for s in self.stages.values()
+                            if s.spec.target.feature == CODEC_FEATURE)
+    # Every stage's time grid is whole units of this many samples (0.04 s for MusicLM's hops).
+    self.unit_samples = math.lcm(*[s.unit for s in self.stages.values()])
+
+  @classmethod
+  def load(cls, folder: Union[str, os.PathLike]) -> 'Pipeline':
+    """Loads a pipeline folder, checking that its parts are complete and fit together.
+
+    Raises:
+      PipelineError (a ValueError): naming the missing or mismatched part.
+    """
+    folder = os.path.abspath(os.fspath(folder))
+    if not os.path.isdir(folder):
+      raise PipelineError(f'{folder}: no such pipeline folder')
+    return cls(folder, read_pipeline_record(folder))
+
+  @property
+  def sample_rate(self) -> int:
+    return SAMPLE_RATE
+
+  @property
+  def has_melody(self) -> bool:
+    """Whether the semantic stage conditions on melody tokens."""
+    return any(s.feature == MELODY_FEATURE for s in self.stages['semantic'].spec.conditions)
+
+  def describe(self) -> str:
+    """The stages, their sizes and sampling settings, one line each."""
+    lines = [f'pipeline {self.folder}']
+    for stage in STAGES:
+      s, sampling = self.stages[stage], self.sampling[stage]
+      lines.append(f'  {stage:<8} {s.record.get("num_params", 0) / 1e6:.1f}M parameters, '
+                   f'vocab {s.model.config.vocab_size}, window {sampling.window_seconds:g} s / '
+                   f'stride {sampling.stride_seconds:g} s, temperature '
+                   f'{sampling.temperature:g}, top_k {sampling.top_k}, guidance '
+                   f'{sampling.guidance_scale:g}')
+    lines.append(f'  melody conditioning: {"yes" if self.has_melody else "no"}')
+    return '\n'.join(lines)
+
+  # ------------------------------------------------------------------------------ inputs
+  def text_tokens(self, texts: Sequence[str]) -> np.ndarray:
+    """MuLan text tokens int32 [len(texts), levels] of checked prompts."""
+    texts = [check_prompt(t) for t in texts]
+    return np.asarray(self.mulan.text_tokens(texts), np.int32)
+
+  def _settings(self, guidance_scale: StageValues, temperatures: StageValues,
+                top_k: StageValues) -> dict[str, StageSampling]:
+    settings = dict(self.sampling)
+    for field, value in (('guidance_scale', guidance_scale), ('temperature', temperatures),
+                         ('top_k', top_k)):
+      for stage, v in _per_stage(value, field).items():
+        settings[stage] = dataclasses.replace(
+            settings[stage], **{field: int(v) if field == 'top_k' else float(v)})
+    return settings
+
+  def _melody_tokens_fn(self, melody: Optional[AudioLike]) -> Optional[Callable[[int], Any]]:
+    """tokens(start sample) -> int32 [frames, levels] of the looped tune from that sample."""
+    if melody is None:
+      return None
+    if not self.has_melody:
+      raise ValueError(f'this pipeline ({self.folder}) cannot follow a melody: its semantic '
+                       'stage was trained without melody conditioning')
+    wav = read_audio_input(melody, 'melody')
+    if len(wav) < MIN_MELODY_SECONDS * SAMPLE_RATE:
+      raise ValueError(f'the melody is {len(wav) / SAMPLE_RATE:.2f} s long; give at least '
+                       f'{MIN_MELODY_SECONDS:g} s of the tune')
+    stream = next(s for s in self.stages['semantic'].spec.conditions
+                  if s.feature == MELODY_FEATURE)
+    network = self.melody.network
+    length = network.window_samples + (stream.frames - 1) * network.hop_samples
+    cache: dict[int, np.ndarray] = {}
+
+    def tokens(start: int) -> np.ndarray:
+      start = int(start) % len(wav)
+      if start not in cache:
+        segment = wav[(start + np.arange(length)) % len(wav)]
+        cache[start] = np.asarray(self.melody.tokens(segment[None])[0], np.int32)
+        assert cache[start].shape == (stream.frames, stream.num_levels), cache[start].shape
+      return cache[start]
+
+    return tokens
+
+  # ------------------------------------------------------------------------------ generation
+  def generate(self, text: Union[None, str, Sequence[str]] = None,
+               seconds: Optional[float] = None, **kwargs) -> np.ndarray:
+    """Generates audio: float32 [batch, samples] at 24 kHz (see `generate_tokens`)."""
+    return self.generate_tokens(text, seconds, **kwargs).audio
+
+  def generate_tokens(self, text: Union[None, str, Sequence[str]] = None,
+                      seconds: Optional[float] = None, *,
+                      melody: Optional[AudioLike] = None,
+                      continuation: Optional[AudioLike] = None,
+                      story: Union[None, str, Sequence[tuple[str, float]]] = None,
+                      seed: int = 0, num_samples: int = 1,
+                      guidance_scale: StageValues = None, temperatures: StageValues = None,
+                      top_k: StageValues = None, progress: bool = False) -> Generation:
+    """Generates every stage's tokens and the audio (module docstring).
+
+    Args:
+      text: a prompt, a list of prompts (one row each), or None (unconditional; with a
+        continuation: the clip's MuLan audio tokens).
+      seconds: seconds to generate (default 10; with a story, its total, which `seconds` must
+        then equal if given). With a continuation: the seconds after the clip.
+      melody: a hummed / whistled / played tune (24 kHz samples or an audio file) to follow;
+        looped to the length generated.
+      continuation: audio (samples or a file) to continue.
+      story: [(text, seconds), ...] or 'text one:15|text two:15' (then `text` must be None).
+      seed: the random seed (same seed, same inputs, same audio).
+      num_samples: samples per prompt (rows = prompts x num_samples).
+      guidance_scale: a value for the stages that condition on MuLan (and melody), or
+        {stage: value}; default pipeline.json's.
+      temperatures: one value, one per stage (semantic, coarse, fine), or {stage: value}.
+      top_k: likewise.
+      progress: show a progress bar per stage (tqdm, on stderr).
+
+    Returns:
+      A `Generation` (its `audio`: float32 [batch, samples]).
+
+    Raises:
+      ValueError: a bad prompt (empty, too long, not a str), story, length, melody or clip;
+        the message says which and why.
+    """
+    if not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+      raise ValueError(f'num_samples must be a positive int, got {num_samples!r}')
+    settings = self._settings(guidance_scale, temperatures, top_k)
+    # ---- conditioning plan: texts per segment, seconds, boundaries
+    if story is not None:
+      if text is not None:
+        raise ValueError('give either text or story, not both (each story segment has its '
+                         'own text)')
+      segments = parse_story(story)
+      total_seconds = sum(s for _, s in segments)
+      if seconds is not None and abs(float(seconds) - total_seconds) > 1e-6:
+        raise ValueError(f'seconds={seconds} but the story lasts {total_seconds:g} s; leave '
+                         'seconds out with a story')
+      seconds = total_seconds
+      prompts = 1
+    else:
+      segments = None
+      if isinstance(text, str):
+        text = [text]
+      if text is not None:
+        if not isinstance(text, (list, tuple)):
+          raise ValueError(f'text must be a str, a list of str or None; the prompt must be a '
+                           f'str, got {type(text).__name__}')
+        text = list(text)
+        if not text:
+          raise ValueError('text is an empty list: give at least one prompt (or None)')
+      prompts = 1 if text is None else len(text)
+      seconds = 10.0 if seconds is None else seconds
+    if not isinstance(seconds, (int, float, np.integer, np.floating)) or not (
+        math.isfinite(seconds) and 0 < seconds <= MAX_SECONDS):
+      raise ValueError(f'seconds must be in (0, {MAX_SECONDS:g}], got {seconds!r}')
+    batch = prompts * int(num_samples)
+    unit = self.unit_samples
+    samples = int(round(float(seconds) * SAMPLE_RATE))
+    new_units = -(-samples // unit)
+    boundary_samples = []
+    if segments:
+      for i, (words, length) in enumerate(segments):
+        if length * SAMPLE_RATE < unit:
+          raise ValueError(f'story segment {i + 1} ({words!r}) is shorter than '
+                           f'{unit / SAMPLE_RATE:g} s, the time step of the stages')
+      elapsed = 0.0
+      for i, (_, length) in enumerate(segments[:-1]):
+        elapsed += length
+        boundary_samples.append(int(round(elapsed * SAMPLE_RATE / unit)) * unit)
+      bounds = [0] + boundary_samples + [new_units * unit]
+      for i in range(len(segments)):
+        if bounds[i + 1] <= bounds[i]:
+          raise ValueError(f'story segment {i + 1} ({segments[i][0]!r}) is shorter than '
+                           f'{unit / SAMPLE_RATE:g} s, the time step of the stages')
+
+    # ---- MuLan tokens per segment ([batch, levels], or None: NULL)
+    clip = None
+    if continuation is not None:
+      clip = read_audio_input(continuation, 'continuation')
+      keep = len(clip) // unit * unit
+      if keep == 0:
+        raise ValueError(f'the continuation clip is {len(clip) / SAMPLE_RATE:.3f} s long; it '
+                         f'needs at least {unit / SAMPLE_RATE:g} s')
+      clip = clip[len(clip) - keep:]
+    if segments:
+      tokens = self.text_tokens([t for t, _ in segments])
+      mulan = [np.repeat(tokens[i][None], batch, axis=0) for i in range(len(segments))]
+    elif text is not None:
+      mulan = [np.repeat(self.text_tokens(text), num_samples, axis=0)]
+    elif clip is not None:
+      mulan = [np.repeat(np.asarray(self.mulan.audio_tokens(clip), np.int32)[None], batch, 0)]
+    else:
+      mulan = [None]
+    melody_tokens = self._melody_tokens_fn(melody)
+
+    # ---- the token arrays, a continuation's tokens first
+    prompt_units = 0 if clip is None else len(clip) // unit
+    total_units = prompt_units + new_units
+    semantic_hop = self._sizes.semantic_hop
+    codec_hop = self._sizes.codec_hop
+    streams = {
+        SEMANTIC_FEATURE: np.zeros((batch, total_units * unit // semantic_hop, 1), np.int32),
+        CODEC_FEATURE: np.zeros((batch, total_units * unit // codec_hop, self.codec_levels),
+                                np.int32),
+    }
+    if clip is not None:
+      semantic = np.asarray(self._tokenize(self._tokenizer_params, clip[None]), np.int32)
+      codes = np.asarray(self._encode(clip[None]), np.int32)[..., :self.codec_levels]
+      streams[SEMANTIC_FEATURE][:, :semantic.shape[1], 0] = semantic[0]
+      streams[CODEC_FEATURE][:, :codes.shape[1]] = codes[0]
+
+    key = jax.random.key(int(seed))
+    boundaries_units = [prompt_units + b // unit for b in boundary_samples]
+    records: list[WindowRecord] = []
+    for index, stage in enumerate(STAGES):
+      self._run_stage(self.stages[stage], settings[stage], streams, batch=batch,
+                      total_units=total_units, prompt_units=prompt_units,
+                      boundaries=boundaries_units, mulan=mulan, melody=melody_tokens,
+                      rng=jax.random.fold_in(key, index), records=records, progress=progress)
+
+    # ---- audio: the whole code sequence, with the clip's last frames as left context
+    prompt_frames = prompt_units * unit // codec_hop
+    context = min(prompt_frames, self.codec.decoder_context_frames)
+    audio = self._decode_audio(streams[CODEC_FEATURE][:, prompt_frames - context:], progress)
+    audio = audio[:, context * codec_hop:context * codec_hop + samples]
+    return Generation(
+        audio=np.ascontiguousarray(audio, np.float32),
+        semantic_tokens=streams[SEMANTIC_FEATURE][..., 0],
+        codec_tokens=streams[CODEC_FEATURE],
+        prompt_frames={SEMANTIC_FEATURE: prompt_units * unit // semantic_hop,
+                       CODEC_FEATURE: prompt_frames},
+        windows=records,
+        boundaries_seconds=[b / SAMPLE_RATE for b in boundary_samples])
+
+  # ------------------------------------------------------------------------------ internals
+  def _encode(self, wav: np.ndarray) -> np.ndarray:
+    from musiclm_jax.codec.soundstream import encode_chunked  # pylint: disable=g-import-not-at-top
+    return np.asarray(encode_chunked(self.codec, self.codec_variables, wav))
+
+  def _decode_audio(self, codes: np.ndarray, progress: bool) -> np.ndarray:
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    from musiclm_jax.codec.soundstream import decode_chunked  # pylint: disable=g-import-not-at-top
+    with tqdm(total=codes.shape[1], desc='audio', unit='frame', disable=not progress,
+              dynamic_ncols=True) as bar:
+      audio = np.asarray(decode_chunked(self.codec, self.codec_variables, codes))
+      bar.update(codes.shape[1])
+    return audio
+
+  def _conditions(self, stage: _Stage, window: Window, streams: Mapping[str, np.ndarray],
+                  mulan: Sequence[Optional[np.ndarray]], melody, batch: int,
+                  prompt_units: int) -> np.ndarray:
+    """int32 [batch, P]: BOS, the window's conditions, then its predicted-stream prefix."""
+    spec, unit = stage.spec, stage.unit
+    codes, dropped = {}, []
+    for s in spec.conditions:
+      if s.time_aligned:
+        per_unit = unit // s.hop_samples
+        codes[s.name] = streams[s.feature][:, window.start * per_unit:window.end * per_unit,
+                                           s.first_level:s.first_level + s.num_levels]
+      elif s.feature == MULAN_FEATURE:
+        tokens = mulan[window.segment]
+        if tokens is None:
+          tokens = np.zeros((batch, s.num_levels), np.int32)
+          dropped.append(s.name)
+        codes[s.name] = tokens
+      elif s.feature == MELODY_FEATURE:
+        if melody is None:
+          tokens = np.zeros((batch, s.frames, s.num_levels), np.int32)
+          dropped.append(s.name)
+        else:
+          # The tune's clock starts with the generated audio (after a continuation's clip).
+          start = (window.start * unit - prompt_units * self.unit_samples)
+          tokens = np.repeat(melody(start)[None], batch, axis=0)
+        codes[s.name] = tokens
+      else:
+        raise ValueError(f'stage {stage.name!r}: no input for stream {s.name!r} ({s.feature})')
+    prompt = np.asarray(spec.flatten_prompt(codes), np.int32)
+    if dropped:
+      prompt = np.asarray(spec.drop_streams(prompt, {name: True for name in dropped}), np.int32)
+    target = spec.target
+    per_unit = unit // target.hop_samples
+    prefix = streams[target.feature][:, window.start * per_unit:window.prefix_end * per_unit,
+                                     target.first_level:target.first_level + target.num_levels]
+    prefix = np.asarray(spec.encode_stream(target.name, prefix), np.int32)
+    bos = np.zeros((batch, 1), np.int32)
+    return np.concatenate([bos, prompt, prefix], axis=1)
+
+  def _run_stage(self, stage: _Stage, sampling: StageSampling, streams: dict[str, np.ndarray],
+                 *, batch: int, total_units: int, prompt_units: int, boundaries: Sequence[int],
+                 mulan, melody, rng, records: list[WindowRecord], progress: bool) -> None:
+    """Generates the stage's predicted stream into `streams` window by window."""
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    spec, unit = stage.spec, stage.unit
+    scale = self.unit_samples // unit
+    clip_level = any(not s.time_aligned for s in spec.conditions)
+    windows = plan_windows(total_units * scale, stage.units(sampling.window_seconds),
+                           stage.units(sampling.stride_seconds), start=prompt_units * scale,
+                           boundaries=[b * scale for b in boundaries] if clip_level else ())
+    target = spec.target
+    per_unit = unit // target.hop_samples
+    tokens_per_unit = per_unit * target.num_levels
+    guided = bool(spec.droppable) and sampling.guidance_scale != 1.0
+    kwargs = dict(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                  vocab_mask=stage.vocab_mask)
+    if guided:
+      kwargs['guidance_scale'] = sampling.guidance_scale
+
+    def write(window: Window, ids) -> None:
+      codes = np.asarray(spec.unflatten_predicted(np.asarray(ids, np.int32)))
+      streams[target.feature][:, window.prefix_end * per_unit:window.stop * per_unit,
+                              target.first_level:target.first_level + target.num_levels] = codes
+
+    done: list[WindowRecord] = []
+    total_tokens = sum(w.generated for w in windows) * tokens_per_unit
+    with tqdm(total=total_tokens, desc=stage.name, unit='tok', disable=not progress,
+              dynamic_ncols=True, leave=True) as bar:
+
+      def reporter(rows: int):
+        last = [0]
+
+        def report(done: int, _: int):
+          bar.update((done - last[0]) * rows)
+          last[0] = done
+
+        return report if progress else None
+
+      def decode_args(steps: int) -> dict[str, Any]:
+        if not progress:
+          return {}
+        return {'steps_per_call': min(steps, STEPS_PER_CALL)}
+
+      # Windows without a prefix depend on nothing this stage generates: decode each group of
+      # equal shape together (the fine stage's non-overlapping chunks), the rest in order.
+      groups: dict[tuple[int, int], list[int]] = {}
+      for i, w in enumerate(windows):
+        if w.prefix == 0:
+          groups.setdefault((w.end - w.start, w.generated), []).append(i)
+      batched = {i for members in groups.values() if len(members) > 1 for i in members}
+      for members in groups.values():
+        if len(members) < 2:
+          continue
+        prompts = np.stack([self._conditions(stage, windows[i], streams, mulan, melody, batch,
+                                             prompt_units) for i in members], axis=1)
+        steps = windows[members[0]].generated * tokens_per_unit
+        extra = {}
+        if guided:
+          extra['uncond_prompts'] = np.asarray(spec.null_prompt(prompts), np.int32)
+        ids = decoding.decode_chunks(
+            stage.model.module, stage.params, prompts, steps,
+            jax.random.fold_in(rng, members[0]), progress=reporter(len(members)),
+            **decode_args(steps), **kwargs, **extra)
+        ids = np.asarray(ids).reshape(batch, len(members), steps)
+        for j, i in enumerate(members):
+          write(windows[i], ids[:, j])
+          done.append(WindowRecord(stage.name, windows[i], unit, prompts[:, j], steps,
+                                   batched=True))
+      for i, w in enumerate(windows):
+        if i in batched:
+          continue
+        prompt = self._conditions(stage, w, streams, mulan, melody, batch, prompt_units)
+        steps = w.generated * tokens_per_unit
+        extra = {}
+        if guided:
+          extra['uncond_prompt'] = np.asarray(spec.null_prompt(prompt), np.int32)
+        ids = decoding.decode(stage.model.module, stage.params, prompt, steps,
+                              jax.random.fold_in(rng, i), progress=reporter(1),
+                              **decode_args(steps), **kwargs, **extra)
+        write(w, ids)
+        done.append(WindowRecord(stage.name, w, unit, prompt, steps))
+    records.extend(sorted(done, key=lambda r: r.window.prefix_end))
+
+
+def load_pipeline(folder: Union[str, os.PathLike]) -> Pipeline:
+  """`Pipeline.load(folder)`: a checked pipeline folder, ready to generate."""
+  return Pipeline.load(folder)
