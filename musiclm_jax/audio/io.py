@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import tempfile
-from typing import Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import numpy as np
 
@@ -304,12 +304,27 @@ def save_wav(path: PathLike, audio: np.ndarray, sample_rate: int = DEFAULT_SAMPL
     if not subtype.startswith('FLOAT') and not subtype.startswith('DOUBLE'):
       audio = np.clip(audio, -1.0, 1.0)
   data = audio.T if audio.ndim == 2 else audio
+  return write_atomically(
+      path, lambda tmp: sf.write(tmp, data, sample_rate, subtype=subtype, format='WAV'),
+      suffix='.wav')
+
+
+def write_atomically(path: str, write: Callable[[str], Any], suffix: str = '') -> str:
+  """Calls `write(tmp)` on a temporary file beside `path`, then renames it into place.
+
+  The parent directory is created; the file gets the mode a plain open() would give it; on any
+  failure the temporary file is removed and an existing `path` is left as it was.
+
+  Returns:
+    `path`.
+  """
+  path = os.fspath(path)
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix='.tmp-', suffix='.wav', dir=directory)
+  fd, tmp = tempfile.mkstemp(prefix='.tmp-', suffix=suffix, dir=directory)
   os.close(fd)
   try:
-    sf.write(tmp, data, sample_rate, subtype=subtype, format='WAV')
+    write(tmp)
     # mkstemp makes the file 0600; give it the mode a plain open() would have.
     umask = os.umask(0)
     os.umask(umask)

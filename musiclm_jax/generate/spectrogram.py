@@ -1,8 +1,6 @@
 """Log-mel spectrogram pictures of generated audio (for `musiclm-jax sample` and the notebook)."""
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -59,25 +57,12 @@ def save_spectrogram(path: str, audio: np.ndarray, sample_rate: int = 24000,
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
+  from musiclm_jax.audio.io import write_atomically  # pylint: disable=g-import-not-at-top
   fig, ax = plt.subplots(figsize=(10, 3.2))
   try:
     plot_spectrogram(audio, sample_rate, ax, title, marks_seconds)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix='.tmp-', suffix='.png', dir=directory)
-    os.close(fd)
-    try:
-      fig.savefig(tmp, dpi=100, format='png')
-      umask = os.umask(0)
-      os.umask(umask)
-      os.chmod(tmp, 0o666 & ~umask)
-      os.replace(tmp, path)
-    except BaseException:
-      if os.path.exists(tmp):
-        os.remove(tmp)
-      raise
+    return write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=100, format='png'),
+                            suffix='.png')
   finally:
     plt.close(fig)
-  return path
