@@ -13,6 +13,9 @@ Subcommands:
   sample    plain flags, not gin: `musiclm-jax sample --checkpoint PIPELINE_DIR --prompt TEXT
             --seconds 30 --out out.wav [--melody F] [--continue F] [--story "a:15|b:15"]`
             (musiclm_jax/generate/cli.py; `musiclm-jax sample --help`)
+  memorization  plain flags: the semantic stage's memorization check (MusicLM section 5),
+            `musiclm-jax memorization --stage_dir=DIR --cache_dir=DIR --split=train`
+            (musiclm_jax/generate/memorization.py; `--help`)
 
 Flags (each may repeat):
   --gin_file=PATH              a gin file (searched in --gin_search_paths, the working directory
@@ -49,6 +52,7 @@ SUBCOMMANDS = tuple(COMMANDS)
 # Subcommands with their own plain flags (no gin): name -> (module, function(argv) -> status).
 PLAIN_COMMANDS = {
     'sample': ('musiclm_jax.generate.cli', 'sample_main'),
+    'memorization': ('musiclm_jax.generate.memorization', 'main'),
 }
 # Data jobs report progress at INFO; training reports through its progress bar and summaries.
 _INFO_BY_DEFAULT = ('tokenize', 'build_data', 'fit_kmeans', 'fit_conditioner', 'fit_text_vocab',
