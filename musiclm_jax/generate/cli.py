@@ -2,14 +2,18 @@ r"""`musiclm-jax sample`: text (+ melody, continuation, story) -> a wav and its 
 
   musiclm-jax sample --checkpoint PIPELINE_DIR --prompt "calm piano over soft strings" \
     --seconds 30 --out out.wav [--melody hum.wav] [--continue clip.wav] \
-    [--story "text one:15|text two:15"] [--seed 0] [--guidance_scale 3] [--batch 1]
+    [--story "text one:15|text two:15"] [--seed 0] [--guidance_scale 3] [--batch 1] \
+    [--mesh_shape auto]
 
 PIPELINE_DIR is a pipeline folder (musiclm_jax/generate/pipeline.py, made by `musiclm-jax
 assemble_pipeline`). The wav (16-bit, 24 kHz, written atomically) and a log-mel spectrogram
 PNG with the same name go to --out; with --batch N > 1, OUT-1.wav .. OUT-N.wav (and PNGs).
-A progress bar per stage goes to stderr. Bad input (an empty or too long prompt, a story
-segment without seconds, an unreadable melody or clip, a folder that is not a pipeline) exits
-with status 2 and one line saying what is wrong.
+A progress bar per stage goes to stderr. --mesh_shape samples the stage LMs sharded over a
+(data, fsdp, model) device mesh, for models too large for one device or to split the batch
+(for a seed, the same audio as one device). Bad input (an empty or too long prompt, a story
+segment without seconds, an unreadable melody or clip, a folder that is not a pipeline, a mesh
+that does not fit the devices or the models) exits with status 2 and one line saying what is
+wrong.
 """
 from __future__ import annotations
 
@@ -48,6 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
                       "paper's 1.0,0.95,0.4)")
   parser.add_argument('--top_k', type=int, default=None, help='top-k of every stage')
   parser.add_argument('--batch', type=int, default=1, help='samples to generate')
+  parser.add_argument('--mesh_shape', default=None,
+                      help='sample the stage LMs sharded on a device mesh: "auto" (as much '
+                      "tensor parallelism as the stages' shapes allow, the other devices data "
+                      'parallel) or the sizes DATA,FSDP,MODEL of its axes, one of them -1 for '
+                      'the other devices: 1,1,-1 is tensor parallel (heads, MLP, vocabulary '
+                      'split: models too large for one device), --mesh_shape=-1,1,1 data '
+                      'parallel (the batch split, padded to the device count; mind the "=" '
+                      'before a leading "-"). Default: one device. The codec, tokenizer and '
+                      'MuLan stay unsharded')
   parser.add_argument('--no_progress', action='store_true', help='no progress bars')
   return parser
 
@@ -102,13 +115,14 @@ def _sample(args: argparse.Namespace) -> int:
     raise ValueError(f'--seconds {args.seconds:g}: seconds must be in (0, '
                      f'{pipeline_lib.MAX_SECONDS:g}]')
   outputs = _outputs(args.out, args.batch)
+  mesh_shape = pipeline_lib.parse_mesh_shape(args.mesh_shape)
   # Fail on unreadable inputs before the (slow) load.
   for flag, path in (('--melody', args.melody), ('--continue', args.continuation)):
     if path is not None and not os.path.isfile(path):
       raise ValueError(f'{flag} {path}: no such file')
 
   setup_compilation_cache()
-  pipe = pipeline_lib.Pipeline.load(args.checkpoint)
+  pipe = pipeline_lib.Pipeline.load(args.checkpoint, mesh_shape=mesh_shape)
   result = pipe.generate_tokens(
       args.prompt, args.seconds, melody=args.melody, continuation=args.continuation,
       story=story, seed=args.seed, num_samples=args.batch,

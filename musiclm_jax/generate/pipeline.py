@@ -49,6 +49,15 @@ record of its decode windows):
   * Audio: the SoundStream decoder over the whole code sequence, chunked with left context
     (`soundstream.decode_chunked`: equal to decoding it at once, no seams).
 
+Devices: `Pipeline.load(folder, mesh_shape=...)` (or `partitioner=`, a
+musiclm_jax/train/partitioning.py `Partitioner`) samples the stage LMs on a (data, fsdp, model)
+device mesh: each stage's parameters are placed sharded by their logical axes (heads, MLP and
+vocabulary over 'model', embeddings over 'fsdp', as the trainer shards them) and every decode
+splits its rows over the 'batch' rule (data x fsdp), padded with copies of the last row to a
+multiple of that size (the padding rows are dropped; each real row keeps its own PRNG key, so
+the tokens are those of one device: see musiclm_jax/generate/decoding.py on randomness). The
+codec, the semantic tokenizer and the conditioners are small and stay on the default device.
+
 Prompts: str (any Unicode; MuLan's text tokenizer normalises it), at most `MAX_PROMPT_CHARS`
 characters (the text tower reads only its first `text_length` tokens, 64 by default: a longer
 prompt is refused with a clear error instead of being cut silently); an empty or blank prompt
@@ -65,15 +74,19 @@ import shutil
 import tempfile
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
+import flax.linen as nn
 import gin
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from musiclm_jax.generate import decoding
 from musiclm_jax.generate import export
+from musiclm_jax.generate import sampling as sampling_lib
 from musiclm_jax.generate.windows import Window, plan_windows
 from musiclm_jax.stages.spec import (CODEC_FEATURE, MELODY_FEATURE, MULAN_FEATURE,
                                      SEMANTIC_FEATURE, StageSpec)
+from musiclm_jax.train import partitioning
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +118,9 @@ STEPS_PER_CALL = 64
 
 AudioLike = Union[np.ndarray, str, os.PathLike]
 StageValues = Union[None, float, int, Mapping[str, float], Sequence[float]]
+# 'auto', or (data, fsdp, model) sizes with at most one -1 (partitioning.MESH_AXES).
+MeshShape = Union[str, Sequence[int]]
+AUTO_MESH = 'auto'
 
 
 # ---------------------------------------------------------------------------------------------
@@ -671,6 +687,92 @@ def _move_into_place(staging: str, out_dir: str, prefix: str, parent: str) -> No
 
 
 # ---------------------------------------------------------------------------------------------
+# Devices: the mesh the stage LMs sample on.
+
+
+def parse_mesh_shape(value: Union[None, MeshShape]) -> Optional[MeshShape]:
+  """None, 'auto', or the (data, fsdp, model) sizes of '1,-1,1' / a sequence of three ints.
+
+  Raises:
+    ValueError: not 'auto' nor three integers (positive, or one -1 for "the other devices").
+  """
+  if value is None:
+    return None
+  if isinstance(value, str):
+    text = value.strip()
+    if text.lower() == AUTO_MESH:
+      return AUTO_MESH
+    try:
+      value = [int(v) for v in text.split(',')]
+    except ValueError as e:
+      raise ValueError(f'mesh_shape {text!r}: expected {AUTO_MESH!r} or '
+                       f'{len(partitioning.MESH_AXES)} comma-separated integers '
+                       f'{",".join(partitioning.MESH_AXES)} (e.g. 1,-1,1)') from e
+  try:
+    shape = tuple(int(v) for v in value)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f'mesh_shape {value!r}: expected {AUTO_MESH!r} or sizes of the '
+                     f'{partitioning.MESH_AXES} axes') from e
+  axes = partitioning.MESH_AXES
+  if len(shape) != len(axes) or shape.count(-1) > 1 or any(d == 0 or d < -1 for d in shape):
+    raise ValueError(f'mesh_shape {shape}: give {len(axes)} sizes {",".join(axes)}, each '
+                     'positive or one of them -1 for "the other devices" (or '
+                     f'{AUTO_MESH!r})')
+  return shape
+
+
+def abstract_stage_params(model) -> Any:
+  """The stage Decoder's params as shapes boxed with their logical axes (nothing computed)."""
+  return jax.eval_shape(lambda: model.module.init(jax.random.PRNGKey(0),
+                                                  jnp.zeros((1, 2), jnp.int32)))['params']
+
+
+def _unsplittable(abstract_boxed: Any, rules: partitioning.LogicalRules,
+                  mesh_shape: Mapping[str, int]) -> list[str]:
+  """The parameters a mesh of these sizes cannot split evenly (by `rules`), one line each."""
+  is_spec = lambda x: x is None or isinstance(x, jax.sharding.PartitionSpec)
+  logical = nn.get_partition_spec(abstract_boxed)
+  mesh_specs = partitioning.logical_to_mesh_specs(logical, rules)
+  flat_mesh, _ = jax.tree_util.tree_flatten_with_path(mesh_specs, is_leaf=is_spec)
+  flat_logical = jax.tree_util.tree_leaves(logical, is_leaf=is_spec)
+  shapes = jax.tree_util.tree_leaves(nn.unbox(abstract_boxed))
+  problems = []
+  for (path, spec), names, leaf in zip(flat_mesh, flat_logical, shapes):
+    for dim, axes in enumerate(spec):
+      if axes is None:
+        continue
+      axes = (axes,) if isinstance(axes, str) else tuple(axes)
+      ways = math.prod(mesh_shape[a] for a in axes)
+      if leaf.shape[dim] % ways:
+        name = '/'.join(str(getattr(k, 'key', k)) for k in path)
+        problems.append(f'{name} {tuple(leaf.shape)}: dimension {dim} ({names[dim]!r}, '
+                        f'{leaf.shape[dim]}) over {"x".join(axes)} = {ways} devices')
+  return problems
+
+
+def auto_mesh_shape(abstract_params: Sequence[Any], num_devices: Optional[int] = None,
+                    rules: Optional[partitioning.LogicalRules] = None) -> tuple[int, int, int]:
+  """mesh_shape='auto': the widest tensor parallelism every stage allows, the rest data parallel.
+
+  The 'model' axis takes the largest divisor of the device count that splits every stage's
+  model-sharded dimensions (heads, MLP, vocabulary) evenly; the remaining devices split the
+  batch (so one sample still uses every device as far as the stages' shapes allow).
+
+  Args:
+    abstract_params: each stage's boxed abstract params (`abstract_stage_params`).
+    num_devices: default `jax.device_count()`.
+    rules: logical axis rules (default `partitioning.standard_logical_axis_rules()`).
+  """
+  n = jax.device_count() if num_devices is None else int(num_devices)
+  rules = partitioning.standard_logical_axis_rules() if rules is None else rules
+  for model in sorted((d for d in range(1, n + 1) if n % d == 0), reverse=True):
+    sizes = {'data': n // model, 'fsdp': 1, 'model': model}
+    if not any(_unsplittable(a, rules, sizes) for a in abstract_params):
+      return (n // model, 1, model)
+  raise AssertionError('unreachable: a model axis of 1 splits nothing')
+
+
+# ---------------------------------------------------------------------------------------------
 # The pipeline.
 
 
@@ -696,10 +798,12 @@ class Pipeline:
 
   Use `Pipeline.load(folder)` (or `load_pipeline`). Attributes: `folder`, `record`
   (pipeline.json), `sampling` ({stage: StageSampling}), `stages`, `codec`, `mulan`,
-  `melody` (None without a melody conditioner).
+  `melody` (None without a melody conditioner), `partitioner` (None: one device).
   """
 
-  def __init__(self, folder: str, record: dict[str, Any]):
+  def __init__(self, folder: str, record: dict[str, Any],
+               partitioner: Optional[partitioning.Partitioner] = None,
+               mesh_shape: Optional[MeshShape] = None):
     """Loads and checks every part (see `Pipeline.load`)."""
     from musiclm_jax.data.frozen_tokenizer import _restore_numpy  # pylint: disable=g-import-not-at-top
     from musiclm_jax.data.model_dir import VARIABLES  # pylint: disable=g-import-not-at-top
@@ -731,11 +835,17 @@ class Pipeline:
     self.mulan = load_conditioner(_part_path(folder, record, 'mulan_conditioner'))
     melody_dir = _part_path(folder, record, 'melody_conditioner')
     self.melody = None if melody_dir is None else load_melody_conditioner(melody_dir)
+    # The stages' parameter shapes and logical axes (from their records: nothing loaded yet)
+    # choose the mesh ('auto') and where each parameter goes.
+    abstract = {stage: abstract_stage_params(export.stage_model_from_record(stage_records[stage]))
+                for stage in STAGES}
+    self.partitioner = self._make_partitioner(partitioner, mesh_shape, abstract)
     self.stages: dict[str, _Stage] = {}
-    for stage in STAGES:
+    for stage in STAGES:  # one stage's host copy of the parameters at a time
       model, params, stage_record = export.load_stage_dir(
           _part_path(folder, record, f'{stage}_stage'))
-      self.stages[stage] = _Stage(stage, model, jax.device_put(params), model.spec,
+      params = self._place_params(stage, params, abstract[stage])
+      self.stages[stage] = _Stage(stage, model, params, model.spec,
                                   model.spec.vocab_mask(model.config.vocab_size), stage_record)
     self.codec_levels = max(s.spec.target.first_level + s.spec.target.num_levels
                             for s in self.stages.values()
@@ -744,16 +854,39 @@ class Pipeline:
     self.unit_samples = math.lcm(*[s.unit for s in self.stages.values()])
 
   @classmethod
-  def load(cls, folder: Union[str, os.PathLike]) -> 'Pipeline':
+  def load(cls, folder: Union[str, os.PathLike],
+           partitioner: Optional[partitioning.Partitioner] = None, *,
+           mesh_shape: Optional[MeshShape] = None) -> 'Pipeline':
     """Loads a pipeline folder, checking that its parts are complete and fit together.
 
+    By default everything runs on the default device. With a mesh (`partitioner` or
+    `mesh_shape`), the three stage LMs sample on it (module docstring, "Devices"): their
+    parameters are sharded by their logical axes, the rows of every decode split over the
+    data-parallel devices (a batch that does not divide them is padded, the padding dropped).
+    The codec, semantic tokenizer and MuLan / melody conditioners are small and stay
+    unsharded on the default device. For a fixed seed the tokens equal one device's.
+
+    Args:
+      folder: the pipeline folder.
+      partitioner: a `Partitioner` (its mesh and logical axis rules) to sample on.
+      mesh_shape: instead of `partitioner`: sizes of the (data, fsdp, model) mesh axes over
+        all devices, one may be -1 for "the rest" (e.g. (-1, 1, 1): data parallel; (1, 1, -1):
+        tensor parallel, the heads, MLP and vocabulary split) or as a string '1,1,-1'; or
+        'auto' (`auto_mesh_shape`: as much tensor parallelism as every stage's shapes allow,
+        the other devices data parallel). The standard logical axis rules apply.
+
     Raises:
-      PipelineError (a ValueError): naming the missing or mismatched part.
+      PipelineError (a ValueError): naming the missing or mismatched part, or a stage
+        parameter the mesh cannot split evenly.
+      ValueError: both `partitioner` and `mesh_shape`, or a malformed `mesh_shape`.
     """
+    mesh_shape = parse_mesh_shape(mesh_shape)
+    if partitioner is not None and mesh_shape is not None:
+      raise ValueError('give a partitioner or a mesh_shape, not both')
     folder = os.path.abspath(os.fspath(folder))
     if not os.path.isdir(folder):
       raise PipelineError(f'{folder}: no such pipeline folder')
-    return cls(folder, read_pipeline_record(folder))
+    return cls(folder, read_pipeline_record(folder), partitioner, mesh_shape)
 
   @property
   def sample_rate(self) -> int:
@@ -775,7 +908,50 @@ class Pipeline:
                    f'{sampling.temperature:g}, top_k {sampling.top_k}, guidance '
                    f'{sampling.guidance_scale:g}')
     lines.append(f'  melody conditioning: {"yes" if self.has_melody else "no"}')
+    if self.partitioner is None:
+      lines.append(f'  devices: one ({jax.devices()[0].platform})')
+    else:
+      mesh = ' x '.join(f'{axis} {size}' for axis, size in self.partitioner.mesh_shape.items())
+      lines.append(f'  devices: mesh {mesh} (stage LMs sharded; batch split '
+                   f'{self.partitioner.data_parallel_size} ways)')
     return '\n'.join(lines)
+
+  # ------------------------------------------------------------------------------ devices
+  @staticmethod
+  def _make_partitioner(partitioner: Optional[partitioning.Partitioner],
+                        mesh_shape: Optional[MeshShape], abstract: Mapping[str, Any]
+                        ) -> Optional[partitioning.Partitioner]:
+    """The given partitioner, one for `mesh_shape` (standard rules), or None (one device)."""
+    if partitioner is not None or mesh_shape is None:
+      return partitioner
+    if mesh_shape == AUTO_MESH:
+      mesh_shape = auto_mesh_shape(list(abstract.values()))
+      logger.info('mesh_shape=auto: (data, fsdp, model) = %s', mesh_shape)
+    return partitioning.Partitioner(mesh_shape=mesh_shape)
+
+  def _place_params(self, stage: str, params: Any, abstract: Any) -> Any:
+    """The stage's params on the device, or sharded over the mesh by their logical axes."""
+    if self.partitioner is None:
+      return jax.device_put(params)
+    problems = _unsplittable(abstract, self.partitioner.rules, self.partitioner.mesh_shape)
+    if problems:
+      shape = tuple(self.partitioner.mesh_shape.values())
+      raise PipelineError(
+          f'the {stage} stage cannot be split over the mesh {shape} '
+          f'({",".join(self.partitioner.mesh_shape)}): {problems[0]}'
+          + (f' (and {len(problems) - 1} more)' if len(problems) > 1 else '')
+          + f'; pick sizes that divide it, or mesh_shape={AUTO_MESH!r}')
+    shardings = jax.tree_util.tree_map(
+        self.partitioner.sharding, self.partitioner.mesh_specs_from_boxed(abstract),
+        is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    return jax.device_put(params, shardings)
+
+  def _padded_rows(self, batch: int) -> int:
+    """Rows decoded for `batch` rows: a multiple of the data-parallel size under a mesh."""
+    if self.partitioner is None:
+      return batch
+    ways = self.partitioner.data_parallel_size
+    return -(-batch // ways) * ways
 
   # ------------------------------------------------------------------------------ inputs
   def text_tokens(self, texts: Sequence[str]) -> np.ndarray:
@@ -1039,9 +1215,23 @@ class Pipeline:
     tokens_per_unit = per_unit * target.num_levels
     guided = bool(spec.droppable) and sampling.guidance_scale != 1.0
     kwargs = dict(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-                  vocab_mask=stage.vocab_mask)
+                  vocab_mask=stage.vocab_mask, partitioner=self.partitioner)
     if guided:
       kwargs['guidance_scale'] = sampling.guidance_scale
+    # Under a mesh the rows are padded to a multiple of the data-parallel size with copies of
+    # the last row (dropped afterwards). Each real row keeps the key it has on one device.
+    rows = self._padded_rows(batch)
+
+    def pad(values: np.ndarray) -> np.ndarray:
+      if rows == batch:
+        return values
+      return np.concatenate([values, np.repeat(values[-1:], rows - batch, axis=0)], axis=0)
+
+    def row_keys(key):
+      keys = sampling_lib.row_keys(key, batch)
+      if rows == batch:
+        return keys
+      return jnp.concatenate([keys] + [keys[-1:]] * (rows - batch))
 
     def write(window: Window, ids) -> None:
       codes = np.asarray(spec.unflatten_predicted(np.asarray(ids, np.int32)))
@@ -1082,12 +1272,12 @@ class Pipeline:
         steps = windows[members[0]].generated * tokens_per_unit
         extra = {}
         if guided:
-          extra['uncond_prompts'] = np.asarray(spec.null_prompt(prompts), np.int32)
+          extra['uncond_prompts'] = pad(np.asarray(spec.null_prompt(prompts), np.int32))
         ids = decoding.decode_chunks(
-            stage.model.module, stage.params, prompts, steps,
-            jax.random.fold_in(rng, members[0]), progress=reporter(len(members)),
+            stage.model.module, stage.params, pad(prompts), steps,
+            row_keys(jax.random.fold_in(rng, members[0])), progress=reporter(len(members)),
             **decode_args(steps), **kwargs, **extra)
-        ids = np.asarray(ids).reshape(batch, len(members), steps)
+        ids = np.asarray(ids)[:batch].reshape(batch, len(members), steps)
         for j, i in enumerate(members):
           write(windows[i], ids[:, j])
           done.append(WindowRecord(stage.name, windows[i], unit, prompts[:, j], steps,
@@ -1099,15 +1289,18 @@ class Pipeline:
         steps = w.generated * tokens_per_unit
         extra = {}
         if guided:
-          extra['uncond_prompt'] = np.asarray(spec.null_prompt(prompt), np.int32)
-        ids = decoding.decode(stage.model.module, stage.params, prompt, steps,
-                              jax.random.fold_in(rng, i), progress=reporter(1),
+          extra['uncond_prompt'] = pad(np.asarray(spec.null_prompt(prompt), np.int32))
+        ids = decoding.decode(stage.model.module, stage.params, pad(prompt), steps,
+                              row_keys(jax.random.fold_in(rng, i)), progress=reporter(1),
                               **decode_args(steps), **kwargs, **extra)
-        write(w, ids)
+        write(w, np.asarray(ids)[:batch])
         done.append(WindowRecord(stage.name, w, unit, prompt, steps))
     records.extend(sorted(done, key=lambda r: r.window.prefix_end))
 
 
-def load_pipeline(folder: Union[str, os.PathLike]) -> Pipeline:
-  """`Pipeline.load(folder)`: a checked pipeline folder, ready to generate."""
-  return Pipeline.load(folder)
+def load_pipeline(folder: Union[str, os.PathLike],
+                  partitioner: Optional[partitioning.Partitioner] = None, *,
+                  mesh_shape: Optional[MeshShape] = None) -> Pipeline:
+  """`Pipeline.load(folder, partitioner, mesh_shape=...)`: a checked folder, ready to generate.
+  """
+  return Pipeline.load(folder, partitioner, mesh_shape=mesh_shape)
