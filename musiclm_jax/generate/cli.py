@@ -137,7 +137,23 @@ def _sample(args: argparse.Namespace) -> int:
                      (f', sample {i + 1})' if len(outputs) > 1 else ')'),
                      marks_seconds=result.boundaries_seconds)
     print(f'wrote {path} ({result.audio.shape[1] / pipe.sample_rate:.2f} s) and {png}')
+  print(speed_summary(result, pipe.sample_rate))
   return 0
+
+
+def speed_summary(result, sample_rate: int) -> str:
+  """One line: tokens/s per stage and compute seconds per second of audio (compiles included)."""
+  parts = []
+  for stage in ('semantic', 'coarse', 'fine'):
+    seconds, tokens = result.timings.get(stage, 0.0), result.tokens.get(stage, 0)
+    rate = f'{tokens / seconds:,.0f} tok/s' if seconds > 0 else '-'
+    parts.append(f'{stage} {tokens:,} tokens in {seconds:.1f} s ({rate})')
+  parts.append(f"codec decode {result.timings.get('codec_decode', 0.0):.1f} s")
+  audio_seconds = result.audio.shape[0] * result.audio.shape[1] / sample_rate
+  total = sum(result.timings.values())
+  per = f'{total / audio_seconds:.2f}' if audio_seconds else '-'
+  return (f'speed: {"; ".join(parts)}; total {total:.1f} s for {audio_seconds:.1f} s of audio '
+          f'({per} s of compute per second of audio, compilation included)')
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -72,6 +72,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import flax.linen as nn
@@ -318,6 +319,9 @@ class Generation:
     windows: every decode call, in order.
     boundaries_seconds: story boundaries, seconds from the start of the generated audio.
     sample_rate: 24000.
+    timings: {'semantic' | 'coarse' | 'fine' | 'codec_decode': wall seconds} of this call
+      (compilation included on a first call with new shapes).
+    tokens: {stage: tokens generated, summed over the batch rows}.
   """
   audio: np.ndarray
   semantic_tokens: np.ndarray
@@ -326,6 +330,8 @@ class Generation:
   windows: list[WindowRecord]
   boundaries_seconds: list[float]
   sample_rate: int = SAMPLE_RATE
+  timings: dict[str, float] = dataclasses.field(default_factory=dict)
+  tokens: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1126,16 +1132,21 @@ class Pipeline:
     key = jax.random.key(int(seed))
     boundaries_units = [prompt_units + b // unit for b in boundary_samples]
     records: list[WindowRecord] = []
+    timings: dict[str, float] = {}
     for index, stage in enumerate(STAGES):
+      started = time.perf_counter()
       self._run_stage(self.stages[stage], settings[stage], streams, batch=batch,
                       total_units=total_units, prompt_units=prompt_units,
                       boundaries=boundaries_units, mulan=mulan, melody=melody_tokens,
                       rng=jax.random.fold_in(key, index), records=records, progress=progress)
+      timings[stage] = time.perf_counter() - started
 
     # ---- audio: the whole code sequence, with the clip's last frames as left context
     prompt_frames = prompt_units * unit // codec_hop
     context = min(prompt_frames, self.codec.decoder_context_frames)
+    started = time.perf_counter()
     audio = self._decode_audio(streams[CODEC_FEATURE][:, prompt_frames - context:], progress)
+    timings['codec_decode'] = time.perf_counter() - started
     audio = audio[:, context * codec_hop:context * codec_hop + samples]
     return Generation(
         audio=np.ascontiguousarray(audio, np.float32),
@@ -1144,7 +1155,10 @@ class Pipeline:
         prompt_frames={SEMANTIC_FEATURE: prompt_units * unit // semantic_hop,
                        CODEC_FEATURE: prompt_frames},
         windows=records,
-        boundaries_seconds=[b / SAMPLE_RATE for b in boundary_samples])
+        boundaries_seconds=[b / SAMPLE_RATE for b in boundary_samples],
+        timings=timings,
+        tokens={stage: sum(r.steps * r.prompt.shape[0] for r in records if r.stage == stage)
+                for stage in STAGES})
 
   # ------------------------------------------------------------------------------ internals
   def _encode(self, wav: np.ndarray) -> np.ndarray:

@@ -102,6 +102,10 @@ def test_the_prompts_hold_bos_mulan_null_melody_and_the_earlier_stages(pipeline)
                       cspec.encode_stream('semantic', g.semantic_tokens[:, :25])[0]]))
   assert set(r.stage for r in g.windows) == {'semantic', 'coarse', 'fine'}
   assert all(r.batched for r in g.windows if r.stage == 'fine')
+  # Speed accounting: every generated token counted once, every part timed.
+  assert g.tokens['semantic'] == 50 and g.tokens['coarse'] + g.tokens['fine'] == 100 * 4
+  assert set(g.timings) == {'semantic', 'coarse', 'fine', 'codec_decode'}
+  assert all(t > 0 for t in g.timings.values())
 
 
 def test_a_3x_window_generation_has_no_discontinuity_at_the_joins_beyond_the_codec(pipeline):

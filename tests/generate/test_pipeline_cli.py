@@ -18,6 +18,7 @@ def test_sample_writes_the_wav_and_a_spectrogram_beside_it(tiny_pipeline, tmp_pa
   for stage in ('semantic', 'coarse', 'fine', 'audio'):
     assert f'{stage}: 100%' in captured.err  # a progress bar per stage
   assert f'wrote {out}' in captured.out
+  assert 'speed: semantic ' in captured.out and 'of compute per second of audio' in captured.out
   audio, rate = sf.read(str(out))
   assert rate == 24000 and audio.shape == (48000,) and np.std(audio) > 0
   png = (tmp_path / 'samples' / 'piano.png').read_bytes()
