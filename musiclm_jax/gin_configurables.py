@@ -30,3 +30,4 @@ from musiclm_jax.stages import model as stage_model  # noqa: F401  StageModel
 from musiclm_jax.stages import tokens as stage_tokens  # noqa: F401  stage_token_model_dirs
 from musiclm_jax.stages import data as stage_data  # noqa: F401  stage_task
 from musiclm_jax.generate import pipeline as generate_pipeline  # noqa: F401  assemble_pipeline
+from musiclm_jax.evaluation import pipeline_eval  # noqa: F401  evaluate_pipeline

@@ -2,7 +2,11 @@
 
 Subcommands:
   train     gin-configured `musiclm_jax.train.trainer.train`
-  eval      gin-configured `musiclm_jax.train.trainer.evaluate`
+  eval      gin-configured: a pipeline folder's evaluation over a corpus split (FAD, KLD, MCC,
+            attributes, melody, per-stage diagnostics: `musiclm_jax.evaluation.pipeline_eval
+            .evaluate_pipeline`, --gin_file=runs/eval.gin) when the gin files bind
+            evaluate_pipeline; else a training checkpoint's teacher-forced evaluation
+            (`musiclm_jax.train.trainer.evaluate`, --gin_file=runs/eval_checkpoint.gin)
   tokenize  gin-configured `musiclm_jax.data.token_cache.cache_tasks`: run SeqIO tasks' frozen
             tokenizers on Apache Beam and cache the tokens (--gin_file=runs/tokenize.gin)
   build_data  gin-configured `musiclm_jax.data.build.build_dataset`: prepare an audio corpus as
@@ -49,6 +53,10 @@ COMMANDS = {
     'assemble_pipeline': ('musiclm_jax.generate.pipeline', 'assemble_pipeline'),
 }
 SUBCOMMANDS = tuple(COMMANDS)
+# `eval` runs this instead of trainer.evaluate when the gin files bind it (runs/eval.gin); the
+# parameter each run file binds tells which evaluation a config asks for.
+EVAL_PIPELINE = ('musiclm_jax.evaluation.pipeline_eval', 'evaluate_pipeline')
+_EVAL_KEYS = {'pipeline': 'evaluate_pipeline.pipeline_dir', 'checkpoint': 'evaluate.model_dir'}
 # Subcommands with their own plain flags (no gin): name -> (module, function(argv) -> status).
 PLAIN_COMMANDS = {
     'sample': ('musiclm_jax.generate.cli', 'sample_main'),
@@ -188,6 +196,31 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
     raise UsageError(message) from e
 
 
+def _gin_binds(key: str) -> bool:
+  """Whether the parsed gin config binds `configurable.parameter` (a macro counts)."""
+  import gin  # pylint: disable=g-import-not-at-top
+  try:
+    gin.query_parameter(key)
+  except ValueError:
+    return False
+  return True
+
+
+def eval_target() -> tuple[str, str]:
+  """(module, function) the `eval` subcommand runs for the parsed gin config.
+
+  Raises:
+    UsageError: the config binds both evaluations.
+  """
+  if not _gin_binds(_EVAL_KEYS['pipeline']):
+    return COMMANDS['eval']
+  if _gin_binds(_EVAL_KEYS['checkpoint']):
+    raise UsageError('eval: the gin files bind both evaluate (a training checkpoint: '
+                     'runs/eval_checkpoint.gin) and evaluate_pipeline (a pipeline folder: '
+                     'runs/eval.gin); include one of them')
+  return EVAL_PIPELINE
+
+
 def run(argv: Sequence[str]) -> int:
   ns, bindings = parse_flags(argv)
   level_name = ns.log_level or ('INFO' if ns.command in _INFO_BY_DEFAULT else 'WARNING')
@@ -209,15 +242,20 @@ def run(argv: Sequence[str]) -> int:
     except ImportError as e:
       raise UsageError(f'--module_import={module}: {e}') from e
   parse_gin(ns.gin_file, bindings, ns.gin_search_paths)
-  module_name, fn_name = COMMANDS[ns.command]
+  module_name, fn_name = eval_target() if ns.command == 'eval' else COMMANDS[ns.command]
   fn = getattr(importlib.import_module(module_name), fn_name)
   from musiclm_jax.data import build  # pylint: disable=g-import-not-at-top
   from musiclm_jax.data import token_cache  # pylint: disable=g-import-not-at-top
+  from musiclm_jax.evaluation import pipeline_eval  # pylint: disable=g-import-not-at-top
   try:
     fn()
   except (ValueError, TypeError, RuntimeError) as e:
     if isinstance(e, build.BuildError):
       raise UsageError(f'build_data: {str(e).splitlines()[0]}') from e
+    if isinstance(e, pipeline_eval.EvalError):
+      # A missing pipeline folder, an unbuilt dataset, too few clips: one line.
+      lines = [l for l in str(e).splitlines() if 'In call to configurable' not in l]
+      raise UsageError(f'eval: {lines[0]}') from e
     if isinstance(e, token_cache.CacheError):
       # A refusal (an existing cache, an unregistered task): one line, nothing was changed.
       lines = [l for l in str(e).splitlines() if 'In call to configurable' not in l]

@@ -48,6 +48,10 @@ record of its decode windows):
     left context, so the audio continues the codec's rendering of the clip seamlessly).
   * Audio: the SoundStream decoder over the whole code sequence, chunked with left context
     (`soundstream.decode_chunked`: equal to decoding it at once, no seams).
+  * Ground truth (diagnostics, musiclm_jax/evaluation/pipeline_eval.py): `semantic_tokens=`
+    and / or `coarse_tokens=` (`tokenize_audio` of a real clip) skip the stage that would
+    generate them; the later stages condition on the given tokens, so comparing the audio with
+    and without them shows which stage loses the quality.
 
 Devices: `Pipeline.load(folder, mesh_shape=...)` (or `partitioner=`, a
 musiclm_jax/train/partitioning.py `Partitioner`) samples the stage LMs on a (data, fsdp, model)
@@ -320,8 +324,11 @@ class Generation:
     boundaries_seconds: story boundaries, seconds from the start of the generated audio.
     sample_rate: 24000.
     timings: {'semantic' | 'coarse' | 'fine' | 'codec_decode': wall seconds} of this call
-      (compilation included on a first call with new shapes).
+      (compilation included on a first call with new shapes; 0 for a stage given as ground
+      truth).
     tokens: {stage: tokens generated, summed over the batch rows}.
+    ground_truth: the stages whose tokens were given (`semantic_tokens=` / `coarse_tokens=`
+      of `generate_tokens`) instead of generated.
   """
   audio: np.ndarray
   semantic_tokens: np.ndarray
@@ -332,6 +339,7 @@ class Generation:
   sample_rate: int = SAMPLE_RATE
   timings: dict[str, float] = dataclasses.field(default_factory=dict)
   tokens: dict[str, int] = dataclasses.field(default_factory=dict)
+  ground_truth: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1015,8 +1023,15 @@ class Pipeline:
                       story: Union[None, str, Sequence[tuple[str, float]]] = None,
                       seed: int = 0, num_samples: int = 1,
                       guidance_scale: StageValues = None, temperatures: StageValues = None,
-                      top_k: StageValues = None, progress: bool = False) -> Generation:
+                      top_k: StageValues = None, progress: bool = False,
+                      semantic_tokens: Optional[np.ndarray] = None,
+                      coarse_tokens: Optional[np.ndarray] = None) -> Generation:
     """Generates every stage's tokens and the audio (module docstring).
+
+    Ground-truth substitution (diagnostics: which stage loses the quality): `semantic_tokens`
+    and / or `coarse_tokens` (e.g. `tokenize_audio` of a real clip) replace what the semantic
+    and / or coarse stage would generate: that stage is skipped and the later stages condition
+    on the given tokens. They cover the `seconds` generated (after a continuation's clip).
 
     Args:
       text: a prompt, a list of prompts (one row each), or None (unconditional; with a
@@ -1034,13 +1049,18 @@ class Pipeline:
       temperatures: one value, one per stage (semantic, coarse, fine), or {stage: value}.
       top_k: likewise.
       progress: show a progress bar per stage (tqdm, on stderr).
+      semantic_tokens: int [batch or 1, frames] semantic tokens to use instead of generating
+        them (frames = the whole 40 ms units of `seconds` at the semantic tokenizer's rate).
+      coarse_tokens: int [batch or 1, frames, levels] codec codes of the coarse stage's levels
+        (levels 1..coarse_levels; frames at the codec's rate) to use instead of generating
+        them.
 
     Returns:
       A `Generation` (its `audio`: float32 [batch, samples]).
 
     Raises:
-      ValueError: a bad prompt (empty, too long, not a str), story, length, melody or clip;
-        the message says which and why.
+      ValueError: a bad prompt (empty, too long, not a str), story, length, melody or clip,
+        or ground-truth tokens of the wrong shape or range; the message says which and why.
     """
     if not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
       raise ValueError(f'num_samples must be a positive int, got {num_samples!r}')
@@ -1128,12 +1148,22 @@ class Pipeline:
       codes = np.asarray(self._encode(clip[None]), np.int32)[..., :self.codec_levels]
       streams[SEMANTIC_FEATURE][:, :semantic.shape[1], 0] = semantic[0]
       streams[CODEC_FEATURE][:, :codes.shape[1]] = codes[0]
+    given = self._ground_truth({'semantic': semantic_tokens, 'coarse': coarse_tokens},
+                               batch=batch, new_units=new_units, seconds=float(seconds))
+    for stage, codes in given.items():
+      target = self.stages[stage].spec.target
+      start = prompt_units * unit // target.hop_samples
+      streams[target.feature][:, start:,
+                              target.first_level:target.first_level + target.num_levels] = codes
 
     key = jax.random.key(int(seed))
     boundaries_units = [prompt_units + b // unit for b in boundary_samples]
     records: list[WindowRecord] = []
     timings: dict[str, float] = {}
     for index, stage in enumerate(STAGES):
+      if stage in given:
+        timings[stage] = 0.0
+        continue
       started = time.perf_counter()
       self._run_stage(self.stages[stage], settings[stage], streams, batch=batch,
                       total_units=total_units, prompt_units=prompt_units,
@@ -1158,9 +1188,83 @@ class Pipeline:
         boundaries_seconds=[b / SAMPLE_RATE for b in boundary_samples],
         timings=timings,
         tokens={stage: sum(r.steps * r.prompt.shape[0] for r in records if r.stage == stage)
-                for stage in STAGES})
+                for stage in STAGES},
+        ground_truth=tuple(given))
+
+  def tokenize_audio(self, audio: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The ground-truth tokens of real audio, as the stages would generate them.
+
+    Args:
+      audio: float 24 kHz audio [batch, samples] (or [samples]); its whole 40 ms units (the
+        stages' common time step, `unit_samples`) from the start are tokenized, the rest
+        dropped.
+
+    Returns:
+      (semantic_tokens int32 [batch, frames] of the semantic tokenizer, codec_tokens int32
+      [batch, frames, codec_levels] of the codec's first `codec_levels` levels): the
+      `semantic_tokens=` and (its coarse levels) `coarse_tokens=` of `generate_tokens`.
+
+    Raises:
+      ValueError: audio shorter than one unit, not [batch, samples], or not finite.
+    """
+    wav = np.asarray(audio, np.float32)
+    wav = wav[None] if wav.ndim == 1 else wav
+    if wav.ndim != 2:
+      raise ValueError(f'tokenize_audio: expected audio [batch, samples], got shape {wav.shape}')
+    keep = wav.shape[1] // self.unit_samples * self.unit_samples
+    if keep == 0:
+      raise ValueError(f'tokenize_audio: {wav.shape[1]} samples are shorter than one unit '
+                       f'({self.unit_samples} samples, {self.unit_samples / SAMPLE_RATE:g} s)')
+    if not np.all(np.isfinite(wav)):
+      raise ValueError('tokenize_audio: the audio has NaN or Inf samples')
+    wav = wav[:, :keep]
+    semantic = np.asarray(self._tokenize(self._tokenizer_params, wav), np.int32)
+    codes = np.asarray(self._encode(wav), np.int32)[..., :self.codec_levels]
+    return semantic, codes
+
+  def decode_audio(self, codec_tokens: Any) -> np.ndarray:
+    """float32 [batch, frames * hop] 24 kHz audio of codec tokens [batch, frames, levels]."""
+    codes = np.asarray(codec_tokens, np.int32)
+    if codes.ndim != 3 or codes.shape[2] > self._sizes.codec_levels:
+      raise ValueError(f'decode_audio: expected codec tokens [batch, frames, levels <= '
+                       f'{self._sizes.codec_levels}], got shape {codes.shape}')
+    return self._decode_audio(codes, progress=False)
 
   # ------------------------------------------------------------------------------ internals
+  def _ground_truth(self, tokens: Mapping[str, Optional[np.ndarray]], *, batch: int,
+                    new_units: int, seconds: float) -> dict[str, np.ndarray]:
+    """{stage: int32 codes [batch, frames, levels]} of the given ground-truth tokens, checked.
+
+    Raises:
+      ValueError: naming the argument: not integers, the wrong shape for `seconds` and the
+        batch, or codes outside the stage's codebook.
+    """
+    out = {}
+    for stage, values in tokens.items():
+      if values is None:
+        continue
+      arg = f'{stage}_tokens'
+      target = self.stages[stage].spec.target
+      frames = new_units * self.unit_samples // target.hop_samples
+      array = np.asarray(values)
+      if not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f'{arg} must be integer codes, got dtype {array.dtype}')
+      if stage == 'semantic' and array.ndim == 2:
+        array = array[..., None]
+      expected = (f'[batch, {frames}]' if stage == 'semantic'
+                  else f'[batch, {frames}, {target.num_levels}]')
+      if (array.ndim != 3 or array.shape[1:] != (frames, target.num_levels)
+          or array.shape[0] not in (1, batch)):
+        raise ValueError(
+            f'{arg} must be {expected} with batch {batch} (or 1): {seconds:g} s is {new_units} '
+            f'units of {self.unit_samples / SAMPLE_RATE:g} s, {frames} frames at '
+            f'{SAMPLE_RATE / target.hop_samples:g} Hz; got shape {np.shape(values)}')
+      if array.size and (array.min() < 0 or array.max() >= target.codebook_size):
+        raise ValueError(f'{arg} must lie in [0, {target.codebook_size}) (the {stage} '
+                         f'stage\'s codebook), got [{array.min()}, {array.max()}]')
+      out[stage] = np.broadcast_to(array.astype(np.int32), (batch,) + array.shape[1:])
+    return out
+
   def _encode(self, wav: np.ndarray) -> np.ndarray:
     from musiclm_jax.codec.soundstream import encode_chunked  # pylint: disable=g-import-not-at-top
     return np.asarray(encode_chunked(self.codec, self.codec_variables, wav))
