@@ -2,11 +2,20 @@
 
 Every stage of MusicLM is a decoder-only `transformer.Decoder` over one flat vocabulary: a
 prompt (BOS, conditioning tokens, earlier-stage tokens) is continued by `num_steps` sampled
-tokens. `decode` runs the prefill and the whole sampling loop in one jitted call;
+tokens. `decode` runs the prefill and then the whole sampling loop without a host round trip;
 `start_decode` + `decode_steps` cut the loop into jitted chunks that carry the cache, for
 callers that want progress reports (a host callback inside the loop would stall the device
 on every token); `decode_chunks` decodes independent prompts of one example as a batch (the
 fine stage's 3 s chunks).
+
+Speed: a step attends over the whole KV cache, so the cache grows with the tokens (256, 512,
+1024, ... positions, up to P + num_steps: `cache_lengths`) and a step costs what the length
+decoded so far needs, not the final length; the loop is a jitted while loop per cache length
+(compiled once per length, shared by decodes of any length). Without a partitioner the cache
+is packed ([batch * heads, length, head_dim], `transformer.pack_decoder_cache`): the attention
+dots then read it in place, where XLA:CPU would copy a 4-D cache on every step. A scan_layers
+model is decoded unrolled (`transformer.unroll_layers`), its stacked weights split once per
+call rather than sliced on every step.
 
 Conventions:
   * Every prompt token is a real key, including a BOS of id 0 (as in training, where the
@@ -28,7 +37,6 @@ Conventions:
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from typing import Any, Callable, Optional
 
@@ -52,7 +60,9 @@ class DecodeState:
   """What a decode carries from one jitted chunk of steps to the next (a pytree).
 
   Attributes:
-    cache: the Decoder's 'cache' collection, rows [cond; uncond] when guided.
+    cache: the Decoder's 'cache' collection, rows [cond; uncond] when guided; packed
+      (`transformer.pack_decoder_cache`) when `packed`. It holds the prompt and the tokens fed
+      so far and grows through `cache_lengths(prompt_length, max_steps)` as they fill it.
     logits: [rows, vocab] float32 logits of the next token.
     step: int32 scalar, tokens generated so far.
     keys: [batch] per-row PRNG keys.
@@ -63,7 +73,9 @@ class DecodeState:
     guided: static, whether rows hold [cond; uncond] pairs.
     filtering: static, whether top-k / top-p are applied (False when disabled everywhere).
     greedy: static, whether every row has temperature 0 (no random draws at all).
-    max_steps: static, how many tokens the cache has room for.
+    max_steps: static, how many tokens the cache grows to have room for.
+    prompt_length: static, the prompt length P (the cache's first positions).
+    packed: static, whether the cache is packed (it is, unless sharded by a partitioner).
   """
   cache: PyTree
   logits: Array
@@ -79,6 +91,8 @@ class DecodeState:
   filtering: bool = flax.struct.field(pytree_node=False, default=True)
   greedy: bool = flax.struct.field(pytree_node=False, default=False)
   max_steps: int = flax.struct.field(pytree_node=False, default=0)
+  prompt_length: int = flax.struct.field(pytree_node=False, default=0)
+  packed: bool = flax.struct.field(pytree_node=False, default=False)
 
   @property
   def batch_size(self) -> int:
@@ -95,14 +109,19 @@ def _rules_context(sharding: _Sharding):
 
 
 _CACHE_AXES = {
-    'cached_key': ('batch', 'length', 'heads', 'kv'),
-    'cached_value': ('batch', 'length', 'heads', 'kv'),
+    'cached_key': ('batch', 'heads', 'length', 'kv'),
+    'cached_value': ('batch', 'heads', 'length', 'kv'),
     'key_mask': ('batch', 'length'),
 }
 
 
-def _constrain_cache(cache: PyTree) -> PyTree:
-  """Pins the cache's layout (batch over 'data', heads over 'model') across loop iterations."""
+def _constrain_cache(cache: PyTree, packed: bool) -> PyTree:
+  """Pins the cache's layout (batch over 'data', heads over 'model') across loop iterations.
+
+  A packed cache is never sharded (it is used without a partitioner), so it is left as is.
+  """
+  if packed:
+    return cache
 
   def constrain(path, leaf):
     axes = _CACHE_AXES.get(getattr(path[-1], 'key', None))
@@ -115,29 +134,60 @@ def _constrain_cache(cache: PyTree) -> PyTree:
   return jax.tree_util.tree_map_with_path(constrain, cache)
 
 
+# The first cache length; it then doubles until it reaches P + max_steps (see cache_lengths).
+# A length of at least P + max_steps allocates the whole cache at once.
+FIRST_CACHE_LENGTH = 256
+# Pack the cache (transformer.pack_decoder_cache) when no partitioner shards it: the
+# head-major layout makes XLA:CPU copy the whole cache on every step.
+PACK_CACHE = True
+
+
+def cache_lengths(prompt_length: int, max_steps: int) -> tuple[int, ...]:
+  """The lengths a decode's cache grows through: 256, 512, 1024, ..., P + max_steps.
+
+  A decode step attends over the whole cache (the unfilled slots masked), so its cost grows
+  with the cache length: the cache starts at FIRST_CACHE_LENGTH positions (or more, to hold
+  the prompt and one token) and doubles whenever the next token would not fit, until it
+  holds P + max_steps. Every step thus attends over fewer than twice the positions filled
+  (or FIRST_CACHE_LENGTH). The sampling loop is compiled once per length: the lengths are
+  FIRST_CACHE_LENGTH times powers of two (shared by decodes of any length), then
+  P + max_steps, which replaces the last power when within 5/4 of it (no compiled loop for
+  a handful of steps).
+  """
+  final = prompt_length + max_steps
+  lengths = []
+  length = FIRST_CACHE_LENGTH
+  while 4 * final > 5 * length:
+    if length > prompt_length:  # room for the prompt and at least one token
+      lengths.append(length)
+    length *= 2
+  return tuple(lengths) + (final,)
+
+
 def _forward(model: transformer.Decoder, params: PyTree, cache: PyTree, tokens: Array,
-             segment_ids: Optional[Array] = None) -> tuple[Array, PyTree]:
+             packed: bool, segment_ids: Optional[Array] = None) -> tuple[Array, PyTree]:
   """Appends `tokens` [rows, n] to the cache; returns the logits of the last one and the cache."""
   logits, mutated = model.apply({'params': params, 'cache': cache}, tokens,
                                 segment_ids=segment_ids, decode=True, mutable=['cache'])
-  return logits[:, -1], _constrain_cache(mutated['cache'])
+  return logits[:, -1], _constrain_cache(mutated['cache'], packed)
 
 
 def _start_impl(params, prompt_rows, segment_ids, keys, temperature, top_k, top_p,
-                guidance_scale, vocab_mask, phase, *, model, max_steps, guided, filtering,
-                greedy, sharding) -> DecodeState:
+                guidance_scale, vocab_mask, phase, *, model, max_steps, cache_length, packed,
+                guided, filtering, greedy, sharding) -> DecodeState:
   with _rules_context(sharding):
+    model, params = transformer.unroll_layers(model, params)
     rows, prompt_length = prompt_rows.shape
     cache = _constrain_cache(
-        transformer.init_decoder_cache(model, rows, prompt_length + max_steps))
+        transformer.init_decoder_cache(model, rows, cache_length, packed=packed), packed)
     prompt_rows = nn.with_logical_constraint(prompt_rows, ('batch', 'length'))
     # Prefill: the whole prompt in one pass, causal within the chunk.
-    logits, cache = _forward(model, params, cache, prompt_rows, segment_ids)
+    logits, cache = _forward(model, params, cache, prompt_rows, packed, segment_ids)
     return DecodeState(
         cache=cache, logits=logits, step=jnp.zeros((), jnp.int32), keys=keys,
         temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale,
         vocab_mask=vocab_mask, phase=phase, guided=guided, filtering=filtering,
-        greedy=greedy, max_steps=max_steps)
+        greedy=greedy, max_steps=max_steps, prompt_length=prompt_length, packed=packed)
 
 
 def _choose(state: DecodeState, logits: Array) -> Array:
@@ -156,44 +206,88 @@ def _choose(state: DecodeState, logits: Array) -> Array:
                          allowed[None, :], filtering=state.filtering, greedy=state.greedy)
 
 
-def _steps_impl(params, state: DecodeState, *, model, num_steps, sharding
+def _steps_impl(params, state: DecodeState, tokens: Array, stop: Array, *, model, sharding
                 ) -> tuple[DecodeState, Array]:
-  with _rules_context(sharding):
+  """Generates tokens state.step .. stop - 1 within the cache as it is.
 
-    def body(carry, _):
-      cache, logits, step = carry
+  `tokens` [batch, cache length] holds the tokens by position: token t goes to column
+  prompt_length + t, where it is fed. `stop` is traced (a while loop), so one compiled loop
+  serves every stretch of steps at one cache length, whatever the decode's length.
+  """
+  with _rules_context(sharding):
+    # Split once per call: inside the loop a scanned model would copy its stacked layer
+    # weights and caches on every step.
+    unrolled, params = transformer.unroll_layers(model, params)
+
+    def body(carry):
+      cache, logits, step, tokens = carry
       current = state.replace(step=step)
       token = _choose(current, logits)
       feed = jnp.concatenate([token, token]) if state.guided else token
       # The last token of the last chunk is fed too (the cache has room for max_steps): one
       # extra forward per decode keeps every step identical, whichever way steps are chunked.
-      logits, cache = _forward(model, params, cache, feed[:, None])
-      return (cache, logits, step + 1), token
+      logits, cache = _forward(unrolled, params, cache, feed[:, None], state.packed)
+      tokens = lax.dynamic_update_slice(tokens, token[:, None],
+                                        (jnp.int32(0), state.prompt_length + step))
+      return cache, logits, step + 1, tokens
 
-    (cache, logits, step), tokens = lax.scan(
-        body, (state.cache, state.logits, state.step), None, length=num_steps)
-    tokens = nn.with_logical_constraint(tokens.T, ('batch', 'length'))
+    cache, logits, step, tokens = lax.while_loop(
+        lambda carry: carry[2] < stop, body, (state.cache, state.logits, state.step, tokens))
+    tokens = nn.with_logical_constraint(tokens, ('batch', 'length'))
     return state.replace(cache=cache, logits=logits, step=step), tokens
+
+
+def _grow_impl(state: DecodeState, tokens: Array, *, length, sharding
+               ) -> tuple[DecodeState, Array]:
+  """Grows the cache and the token buffer to `length` positions."""
+  with _rules_context(sharding):
+    cache = transformer.resize_decoder_cache(state.cache, length)
+    tokens = jnp.pad(tokens, ((0, 0), (0, length - tokens.shape[1])))
+    tokens = nn.with_logical_constraint(tokens, ('batch', 'length'))
+    return state.replace(cache=_constrain_cache(cache, state.packed)), tokens
+
+
+def _window_impl(tokens: Array, start: Array, *, size, sharding) -> Array:
+  with _rules_context(sharding):
+    window = lax.dynamic_slice_in_dim(tokens, start, size, axis=1)
+    return nn.with_logical_constraint(window, ('batch', 'length'))
 
 
 _start_jit = jax.jit(
     _start_impl,
-    static_argnames=('model', 'max_steps', 'guided', 'filtering', 'greedy', 'sharding'))
-# The state (mostly the cache) is donated: each chunk updates it in place.
-_steps_jit = jax.jit(_steps_impl, static_argnames=('model', 'num_steps', 'sharding'),
-                     donate_argnames=('state',))
+    static_argnames=('model', 'max_steps', 'cache_length', 'packed', 'guided', 'filtering',
+                     'greedy', 'sharding'))
+# The state (mostly the cache) is donated: each stretch of steps updates it in place.
+_steps_jit = jax.jit(_steps_impl, static_argnames=('model', 'sharding'),
+                     donate_argnames=('state', 'tokens'))
+_grow_jit = jax.jit(_grow_impl, static_argnames=('length', 'sharding'))
+_window_jit = jax.jit(_window_impl, static_argnames=('size', 'sharding'))
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=('model', 'num_steps', 'guided', 'filtering', 'greedy', 'sharding'))
-def _decode_jit(params, prompt_rows, segment_ids, keys, temperature, top_k, top_p,
-                guidance_scale, vocab_mask, phase, *, model, num_steps, guided, filtering,
-                greedy, sharding):
-  state = _start_impl(params, prompt_rows, segment_ids, keys, temperature, top_k, top_p,
-                      guidance_scale, vocab_mask, phase, model=model, max_steps=num_steps,
-                      guided=guided, filtering=filtering, greedy=greedy, sharding=sharding)
-  return _steps_impl(params, state, model=model, num_steps=num_steps, sharding=sharding)[1]
+def _advance(model, params, state: DecodeState, done: int, num_steps: int, sharding
+             ) -> tuple[DecodeState, Array]:
+  """Generates tokens done .. done + num_steps - 1, growing the cache as they need.
+
+  One jitted loop per cache length the steps reach (see `cache_lengths`): the steps at a
+  length attend over that many positions, not over the final cache. The loops depend on the
+  cache length only, so decodes of other lengths (or other chunkings) reuse them.
+  """
+  prompt_length = state.prompt_length
+  tokens = jnp.zeros((state.batch_size, transformer.decoder_cache_length(state.cache)),
+                     jnp.int32)
+  low = 0
+  for length in cache_lengths(prompt_length, state.max_steps):
+    # Token t is fed at position prompt_length + t: these tokens fit in `length` positions.
+    first, stop = max(done, low - prompt_length), min(done + num_steps, length - prompt_length)
+    low = length
+    if first >= stop:
+      continue
+    if tokens.shape[1] < length:
+      state, tokens = _grow_jit(state, tokens, length=length, sharding=sharding)
+    state, tokens = _steps_jit(params, state, tokens, jnp.int32(stop), model=model,
+                               sharding=sharding)
+  return state, _window_jit(tokens, jnp.int32(prompt_length + done), size=num_steps,
+                            sharding=sharding)
 
 
 def _host_values(value) -> Optional[np.ndarray]:
@@ -252,7 +346,8 @@ def start_decode(model: transformer.Decoder,
       boxed (they are then placed by their logical axes).
     prompt: int32 [batch, P], P >= 1 (BOS, conditioning, earlier-stage tokens); all rows one
       length (left-pad with `prompt_mask` for shorter ones).
-    max_steps: how many tokens will be generated at most (the cache holds P + max_steps).
+    max_steps: how many tokens will be generated at most (the cache grows to hold
+      P + max_steps).
     rng: one PRNG key (split into one key per row) or [batch] keys.
     temperature: scalar or [batch]; 0 = greedy.
     top_k: scalar or [batch]; 0 = no top-k.
@@ -354,21 +449,23 @@ def _prepare_inputs(model, prompt, max_steps, rng, temperature, top_k, top_p, vo
 
 def _run(model, params, rows, segment_ids, args, max_steps, flags, *, partitioner,
          one_shot: bool):
-  """Places the inputs and calls the jitted start, or the one-shot decode of max_steps."""
+  """Places the inputs and calls the jitted start, and for a one-shot decode all max_steps."""
   params, placed = _place(partitioner, params, {'rows': rows, 'segment_ids': segment_ids})
   sharding = _sharding_of(partitioner)
   context = partitioner.context() if partitioner is not None else contextlib.nullcontext()
   with context:
+    state = _start_jit(params, placed['rows'], placed['segment_ids'], **args, model=model,
+                       max_steps=max_steps,
+                       cache_length=cache_lengths(rows.shape[1], max_steps)[0],
+                       packed=PACK_CACHE and sharding is None, sharding=sharding, **flags)
     if one_shot:
-      return _decode_jit(params, placed['rows'], placed['segment_ids'], **args, model=model,
-                         num_steps=max_steps, sharding=sharding, **flags)
-    return _start_jit(params, placed['rows'], placed['segment_ids'], **args, model=model,
-                      max_steps=max_steps, sharding=sharding, **flags)
+      return _advance(model, params, state, 0, max_steps, sharding)[1]
+    return state
 
 
 def decode_steps(model: transformer.Decoder, params: PyTree, state: DecodeState,
                  num_steps: int, *, partitioner=None) -> tuple[DecodeState, Array]:
-  """Generates the next `num_steps` tokens in one jitted call.
+  """Generates the next `num_steps` tokens (a jitted loop per cache length they reach).
 
   The state is donated (its cache updated in place): use the returned state, not the old one.
   The check that the cache has room reads `state.step` back to the host, which waits for the
@@ -386,8 +483,7 @@ def decode_steps(model: transformer.Decoder, params: PyTree, state: DecodeState,
   params = meta.unbox(params) if partitioner is None else _place(partitioner, params, {})[0]
   context = partitioner.context() if partitioner is not None else contextlib.nullcontext()
   with context:
-    return _steps_jit(params, state, model=model, num_steps=int(num_steps),
-                      sharding=_sharding_of(partitioner))
+    return _advance(model, params, state, done, int(num_steps), _sharding_of(partitioner))
 
 
 def decode(model: transformer.Decoder,
@@ -409,13 +505,13 @@ def decode(model: transformer.Decoder,
            progress: Optional[Callable[[int, int], None]] = None) -> Array:
   """Continues `prompt` by `num_steps` sampled tokens.
 
-  By default the prefill and the whole loop run in one jitted call (`lax.scan` over the
-  steps, the KV cache sized P + num_steps). With `steps_per_call`, the loop is cut into
-  jitted calls of that many steps that carry the cache (`start_decode` + `decode_steps`),
-  and `progress(done, num_steps)` is called on the host after each: a progress bar at the
-  cost of one host round trip per call. Both ways make the same draws, step for step (see
-  the module docstring on randomness). The cache is then sized for a whole number of calls
-  (the surplus tokens are dropped), so every call has one shape and compiles once.
+  By default the prefill and the whole loop are dispatched at once (a jitted while loop per
+  cache length, see `cache_lengths`; the cache grows to P + num_steps), with no host round
+  trip. With `steps_per_call`, the loop is cut into calls of that many steps that carry the
+  cache (`start_decode` + `decode_steps`), and `progress(done, num_steps)` is called on the
+  host after each: a progress bar at the cost of one host round trip per call. Both ways make
+  the same draws, step for step (see the module docstring on randomness). The cache is then
+  sized for a whole number of calls (the surplus tokens are dropped).
 
   Args:
     model, params, prompt, rng, temperature, top_k, top_p, vocab_mask, phase,

@@ -315,6 +315,29 @@ class DenseGeneral(nn.Module):
 # ---------------------------------------------------------------------------
 
 
+def _attention_weights(logits: Array,
+                       mask: Optional[Array],
+                       bias: Optional[Array],
+                       dropout_rng: Optional[Array],
+                       dropout_rate: float,
+                       deterministic: bool,
+                       dtype: Dtype) -> Array:
+  """Float32 softmax of biased, masked logits [..., q_len, k_len]; dropout."""
+  logits = logits.astype(jnp.float32)
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
+  if mask is not None:
+    # A finite minimum (not -inf) keeps fully masked rows NaN-free: they
+    # become a uniform average, and such rows are padding that is ignored.
+    logits = jnp.where(mask.astype(jnp.bool_), logits,
+                       jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1)
+  if not deterministic and dropout_rate > 0.0:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+    weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+  return weights.astype(dtype)
+
+
 def dot_product_attention(query: Array,
                           key: Array,
                           value: Array,
@@ -346,20 +369,60 @@ def dot_product_attention(query: Array,
   query = query * (depth ** -0.5)
   logits = jnp.einsum('bqhd,bkhd->bhqk', query, key,
                       preferred_element_type=jnp.float32)
-  logits = logits.astype(jnp.float32)
-  if bias is not None:
-    logits = logits + bias.astype(jnp.float32)
-  if mask is not None:
-    # A finite minimum (not -inf) keeps fully masked rows NaN-free: they
-    # become a uniform average, and such rows are padding that is ignored.
-    logits = jnp.where(mask.astype(jnp.bool_), logits,
-                       jnp.finfo(jnp.float32).min)
-  weights = jax.nn.softmax(logits, axis=-1)
-  if not deterministic and dropout_rate > 0.0:
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
-    weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
-  weights = weights.astype(dtype)
+  weights = _attention_weights(logits, mask, bias, dropout_rng, dropout_rate,
+                               deterministic, dtype)
   return jnp.einsum('bhqk,bkhd->bqhd', weights, value.astype(dtype))
+
+
+def cached_attention(query: Array,
+                     key_cache: Array,
+                     value_cache: Array,
+                     mask: Optional[Array] = None,
+                     bias: Optional[Array] = None,
+                     dropout_rng: Optional[Array] = None,
+                     dropout_rate: float = 0.0,
+                     deterministic: bool = True,
+                     dtype: Dtype = jnp.float32) -> Array:
+  """`dot_product_attention` of queries over keys/values in the KV-cache layout.
+
+  The cache is head-major, [batch, heads, length, head_dim], or packed,
+  [batch * heads, length, head_dim] (batch-major rows). Packed, both dots are
+  plain batched matrix products of the cache buffers themselves: XLA:CPU then
+  neither copies nor transposes the cache (it would re-layout a 4-D cache, or
+  duplicate its in-place update, on every decode step).
+
+  Args:
+    query: [batch, q_len, heads, head_dim].
+    key_cache: [batch, heads, k_len, head_dim] or [batch * heads, k_len,
+      head_dim].
+    value_cache: same shape as `key_cache`.
+    mask, bias, dropout_rng, dropout_rate, deterministic, dtype: as in
+      `dot_product_attention` (mask and bias broadcastable to
+      [batch, heads, q_len, k_len]).
+
+  Returns:
+    [batch, q_len, heads, head_dim] attended values.
+  """
+  batch, q_len, heads, depth = query.shape
+  packed = key_cache.ndim == 3
+  query = jnp.swapaxes(query * (depth ** -0.5), 1, 2)  # [b, h, q, d]
+  k_len = key_cache.shape[-2]
+  if packed:
+    logits = jnp.einsum('rqd,rkd->rqk', query.reshape(-1, q_len, depth),
+                        key_cache, preferred_element_type=jnp.float32)
+    logits = logits.reshape(batch, heads, q_len, k_len)
+  else:
+    logits = jnp.einsum('bhqd,bhkd->bhqk', query, key_cache,
+                        preferred_element_type=jnp.float32)
+  weights = _attention_weights(logits, mask, bias, dropout_rng, dropout_rate,
+                               deterministic, dtype)
+  if packed:
+    out = jnp.einsum('rqk,rkd->rqd', weights.reshape(-1, q_len, k_len),
+                     value_cache.astype(dtype))
+    out = out.reshape(batch, heads, q_len, depth)
+  else:
+    out = jnp.einsum('bhqk,bhkd->bhqd', weights, value_cache.astype(dtype))
+  return jnp.swapaxes(out, 1, 2)
 
 
 class MultiHeadAttention(nn.Module):
@@ -402,8 +465,11 @@ class MultiHeadAttention(nn.Module):
       deterministic: disables dropout when true.
       decode: use the autoregressive KV cache ('cache' collection). When the
         cache does not exist yet (e.g. under `init(..., decode=True)` with a
-        full-length input) it is created with shape
-        [batch, length, heads, head_dim] and a normal full attention is run.
+        full-length input) it is created with the head-major shape
+        [batch, heads, length, head_dim] and a normal full attention is run;
+        a caller may replace it by its packed form
+        [batch * heads, length, head_dim] (see `cached_attention`), the
+        faster one on XLA:CPU.
         Once it exists, inputs are [batch, n, embed] with n >= 1 consecutive
         positions (n = 1 per decode step; n > 1 prefills a prompt in one
         pass): their keys/values are written at `cache_index ..
@@ -431,48 +497,29 @@ class MultiHeadAttention(nn.Module):
     key = nn.with_logical_constraint(key, axes)
     value = nn.with_logical_constraint(value, axes)
 
+    dropout_rng = None
+    if not deterministic and self.dropout_rate > 0.0:
+      dropout_rng = self.make_rng('dropout')
+    attention = dot_product_attention
     if decode:
       # Checked before the variables are declared: on the first (init) call
       # they do not exist yet and a full-length pass sizes the cache.
       is_initialized = self.has_variable('cache', 'cached_key')
-      cached_key = self.variable('cache', 'cached_key', jnp.zeros, key.shape,
+      batch, length = key.shape[:2]
+      cache_shape = (batch, self.num_heads, length, self.head_dim)
+      cached_key = self.variable('cache', 'cached_key', jnp.zeros, cache_shape,
                                  key.dtype)
       cached_value = self.variable('cache', 'cached_value', jnp.zeros,
-                                   value.shape, value.dtype)
+                                   cache_shape, value.dtype)
       cache_index = self.variable('cache', 'cache_index',
                                   lambda: jnp.array(0, dtype=jnp.int32))
       if is_initialized:
-        batch, max_length, num_heads, head_dim = cached_key.value.shape
-        length = query.shape[1]
-        expected = (batch, length, num_heads, head_dim)
-        if query.shape != expected or not 1 <= length <= max_length:
-          raise ValueError('Autoregressive cache shape error: expected query '
-                           f'shape ({batch}, n, {num_heads}, {head_dim}) with '
-                           f'1 <= n <= {max_length}, got {query.shape}.')
-        cur_index = cache_index.value
-        indices = (jnp.int32(0), cur_index, jnp.int32(0), jnp.int32(0))
-        key = lax.dynamic_update_slice(cached_key.value,
-                                       key.astype(cached_key.value.dtype),
-                                       indices)
-        value = lax.dynamic_update_slice(
-            cached_value.value, value.astype(cached_value.value.dtype),
-            indices)
-        cached_key.value = key
-        cached_value.value = value
-        cache_index.value = cur_index + length
-        # Query i sits at position cur_index + i: it sees the cache up to
-        # itself; later slots hold zeros (or stale data) or the chunk's
-        # future.
-        query_position = cur_index + jnp.arange(length, dtype=jnp.int32)
-        step_mask = (jnp.arange(max_length, dtype=jnp.int32)[None, :] <=
-                     query_position[:, None])[None, None, :, :]
+        key, value, step_mask = self._update_cache(
+            query, key, value, cached_key, cached_value, cache_index)
         mask = step_mask if mask is None else jnp.logical_and(
             mask.astype(jnp.bool_), step_mask)
-
-    dropout_rng = None
-    if not deterministic and self.dropout_rate > 0.0:
-      dropout_rng = self.make_rng('dropout')
-    x = dot_product_attention(
+        attention = cached_attention
+    x = attention(
         query, key, value, mask=mask, bias=bias, dropout_rng=dropout_rng,
         dropout_rate=self.dropout_rate, deterministic=deterministic,
         dtype=self.dtype)
@@ -486,3 +533,58 @@ class MultiHeadAttention(nn.Module):
         param_dtype=self.param_dtype,
         name='out')(x)
     return nn.with_logical_constraint(out, ('batch', 'length', 'embed'))
+
+  def _update_cache(self, query: Array, key: Array, value: Array,
+                    cached_key: Any, cached_value: Any, cache_index: Any
+                    ) -> Tuple[Array, Array, Array]:
+    """Writes n new keys/values into the cache.
+
+    Args:
+      query, key, value: [batch, n, heads, head_dim] projections of the n
+        consecutive positions fed.
+      cached_key, cached_value: the cache variables, head-major
+        [batch, heads, length, head_dim] or packed
+        [batch * heads, length, head_dim] (see `cached_attention`).
+      cache_index: the variable holding the position of the first of them.
+
+    Returns:
+      (keys, values) of the updated cache, in its layout, and the causal
+      mask [1, 1, n, length] of the n queries over the cache slots.
+    """
+    stored = cached_key.value
+    packed = stored.ndim == 3
+    batch, length, num_heads, head_dim = query.shape
+    max_length = stored.shape[-2]
+    expected = ((batch * num_heads, max_length, head_dim) if packed else
+                (batch, num_heads, max_length, head_dim))
+    if stored.shape != expected or not 1 <= length <= max_length:
+      cache_batch = stored.shape[0] // num_heads if packed else stored.shape[0]
+      raise ValueError(
+          f'Autoregressive cache shape error: the cache {stored.shape} takes '
+          f'queries of shape ({cache_batch}, n, {num_heads}, {head_dim}) '
+          f'with 1 <= n <= {max_length}, got {query.shape}.')
+
+    def to_cache(x):  # [batch, n, heads, head_dim] -> the cache layout
+      x = jnp.swapaxes(x, 1, 2).astype(stored.dtype)
+      return x.reshape(batch * num_heads, length, head_dim) if packed else x
+
+    cur_index = cache_index.value
+    zero = jnp.int32(0)
+    indices = ((zero, cur_index, zero) if packed else
+               (zero, zero, cur_index, zero))
+    key = lax.dynamic_update_slice(stored, to_cache(key), indices)
+    value = lax.dynamic_update_slice(cached_value.value, to_cache(value),
+                                     indices)
+    if not packed:
+      axes = ('batch', 'heads', 'length', 'kv')
+      key = nn.with_logical_constraint(key, axes)
+      value = nn.with_logical_constraint(value, axes)
+    cached_key.value = key
+    cached_value.value = value
+    cache_index.value = cur_index + length
+    # Query i sits at position cur_index + i: it sees the cache up to itself;
+    # later slots hold zeros (or stale data) or the chunk's future.
+    query_position = cur_index + jnp.arange(length, dtype=jnp.int32)
+    step_mask = (jnp.arange(max_length, dtype=jnp.int32)[None, :] <=
+                 query_position[:, None])[None, None, :, :]
+    return key, value, step_mask

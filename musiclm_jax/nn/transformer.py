@@ -249,10 +249,14 @@ class Decoder(nn.Module):
   """Decoder-only language model over integer tokens (0 = padding).
 
   Variables: 'params' (trainable); with `decode=True`, a 'cache' collection
-  holding, per layer, `cached_key`/`cached_value` [batch, max_len, heads,
-  head_dim] and `cache_index`, plus the decoder's own `cache_index` and
-  `key_mask` [batch, max_len] (non-padding flags of the tokens fed so far).
-  With `scan_layers` every per-layer variable gets a leading layer axis.
+  holding, per layer, `cached_key`/`cached_value` [batch, heads, max_len,
+  head_dim] (or packed, [batch * heads, max_len, head_dim]: see
+  `pack_decoder_cache`) and `cache_index`, plus the decoder's own
+  `cache_index` and `key_mask` [batch, max_len] (non-padding flags of the
+  tokens fed so far). With `scan_layers` every per-layer variable gets a
+  leading layer axis. A cache may be grown between calls
+  (`resize_decoder_cache`): attention costs follow its length, so a decoder
+  can start small and grow it as positions fill up.
 
   Attributes:
     config: the model configuration.
@@ -399,8 +403,8 @@ class Decoder(nn.Module):
     return logits.astype(jnp.float32)
 
 
-def init_decoder_cache(model: Decoder, batch_size: int, max_length: int
-                       ) -> Any:
+def init_decoder_cache(model: Decoder, batch_size: int, max_length: int,
+                       packed: bool = False) -> Any:
   """Creates an all-zero decode cache without computing any parameters.
 
   Equivalent to `model.init(rng, jnp.zeros((batch_size, max_length),
@@ -411,6 +415,7 @@ def init_decoder_cache(model: Decoder, batch_size: int, max_length: int
     model: the `Decoder`.
     batch_size: number of sequences decoded in lockstep.
     max_length: cache length (the maximum number of decoded positions).
+    packed: return it packed (`pack_decoder_cache`).
 
   Returns:
     The 'cache' collection pytree to pass as `{'params': ..., 'cache': ...}`.
@@ -418,8 +423,130 @@ def init_decoder_cache(model: Decoder, batch_size: int, max_length: int
   tokens = jnp.zeros((batch_size, max_length), jnp.int32)
   shapes = jax.eval_shape(
       functools.partial(model.init, decode=True), jax.random.key(0), tokens)
-  return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                meta.unbox(shapes['cache']))
+  cache = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                 meta.unbox(shapes['cache']))
+  return pack_decoder_cache(cache) if packed else cache
+
+
+def unroll_layers(model: Decoder, params: Any) -> tuple[Decoder, Any]:
+  """The unscanned Decoder equivalent to `model`, and its parameters.
+
+  A scanned decoder keeps each layer's parameters (and decode cache) stacked
+  along a leading axis; a decode step inside `nn.scan` then copies every
+  layer's weights and cache out of the stacks and back on every step. For
+  decoding, split the stacks once instead (the result computes the same
+  function): 'layers' becomes 'layers_0', 'layers_1', ... A model without
+  `scan_layers` is returned as is.
+
+  Args:
+    model: the `Decoder`.
+    params: its (unboxed) parameters, e.g. inside a jitted function.
+
+  Returns:
+    (model, params) to use in its place.
+  """
+  if not model.config.scan_layers:
+    return model, params
+  params = dict(params)
+  stacked = params.pop('layers')
+  for i in range(model.config.num_layers):
+    params[f'layers_{i}'] = jax.tree_util.tree_map(lambda x, i=i: x[i], stacked)
+  config = dataclasses.replace(model.config, scan_layers=False)
+  return model.clone(config=config), params
+
+
+_KV_NAMES = ('cached_key', 'cached_value')
+
+
+def _map_cache(fn: Callable[[str, Array], Array], cache: Any) -> Any:
+  """Applies `fn(variable name, leaf)` to every leaf of a 'cache' pytree."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, leaf: fn(getattr(path[-1], 'key', None), leaf), cache)
+
+
+def pack_decoder_cache(cache: Any) -> Any:
+  """Merges the batch and heads axes of the cached keys and values.
+
+  [..., batch, heads, length, head_dim] becomes [..., batch * heads, length,
+  head_dim] (a free reshape; batch-major rows). Attention over a packed cache
+  is a plain batched matrix product of the cache buffer itself, which XLA:CPU
+  runs without copying or transposing the cache on every decode step (see
+  `attention.cached_attention`). A head-major cache keeps batch and heads as
+  separate axes, which a mesh can shard independently: pack a cache only
+  when it is not sharded.
+
+  Args:
+    cache: a head-major (unpacked) 'cache' collection.
+
+  Returns:
+    The packed cache.
+  """
+
+  def pack(name, leaf):
+    if name not in _KV_NAMES:
+      return leaf
+    *lead, batch, heads, length, depth = leaf.shape
+    return leaf.reshape(*lead, batch * heads, length, depth)
+
+  return _map_cache(pack, cache)
+
+
+def unpack_decoder_cache(cache: Any, num_heads: int) -> Any:
+  """Inverse of `pack_decoder_cache` (`num_heads`: the model's heads)."""
+
+  def unpack(name, leaf):
+    if name not in _KV_NAMES:
+      return leaf
+    *lead, rows, length, depth = leaf.shape
+    return leaf.reshape(*lead, rows // num_heads, num_heads, length, depth)
+
+  return _map_cache(unpack, cache)
+
+
+def decoder_cache_length(cache: Any) -> int:
+  """The number of positions a 'cache' collection has room for."""
+  leaves = jax.tree_util.tree_flatten_with_path(cache)[0]
+  lengths = {leaf.shape[-1] for path, leaf in leaves
+             if getattr(path[-1], 'key', None) == 'key_mask'}
+  if len(lengths) != 1:
+    raise ValueError(f'not a Decoder cache (key_mask lengths {lengths})')
+  return lengths.pop()
+
+
+def resize_decoder_cache(cache: Any, length: int) -> Any:
+  """Grows a decode cache (packed or not) to `length` positions.
+
+  The new slots are zeros, as in a fresh cache: the positions written so far
+  keep their keys, values and padding flags, and decoding continues as if
+  the cache had had this length from the start (the new slots lie after
+  every position fed, and are masked until written).
+
+  Args:
+    cache: a 'cache' collection.
+    length: the new length, at least the current one.
+
+  Returns:
+    The grown cache (the same cache when `length` is its length).
+  """
+  current = decoder_cache_length(cache)
+  if length < current:
+    raise ValueError(f'cannot shrink a decode cache from {current} to {length} '
+                     'positions')
+
+  def grow(name, leaf):
+    # The length axis: [..., length, head_dim] for keys and values,
+    # [batch, length] for the padding flags.
+    if name in _KV_NAMES:
+      axis = leaf.ndim - 2
+    elif name == 'key_mask':
+      axis = leaf.ndim - 1
+    else:
+      return leaf
+    widths = [(0, 0)] * leaf.ndim
+    widths[axis] = (0, length - current)
+    return jnp.pad(leaf, widths)
+
+  return cache if length == current else _map_cache(grow, cache)
 
 
 def count_params(params: Any) -> int:

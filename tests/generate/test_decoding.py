@@ -1,5 +1,7 @@
 """Tests for jitted KV-cache decoding: prefill, greedy = teacher forcing, guidance, chunks, mesh."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -7,6 +9,7 @@ import numpy as np
 import pytest
 
 from musiclm_jax import generate
+from musiclm_jax.generate import decoding
 from musiclm_jax.generate import sampling
 from musiclm_jax.nn import transformer
 from musiclm_jax.train.partitioning import Partitioner
@@ -94,6 +97,74 @@ def test_chunked_decoding_equals_one_shot(params, prompt, sampled):
   np.testing.assert_array_equal(np.concatenate([first, second], axis=1), sampled)
   with pytest.raises(ValueError, match='exceed'):
     generate.decode_steps(MODEL, params, state, 4)
+
+
+def test_cache_lengths(monkeypatch):
+  first = 256
+  monkeypatch.setattr(decoding, 'FIRST_CACHE_LENGTH', first)
+  assert decoding.cache_lengths(16, 100) == (116,)
+  assert decoding.cache_lengths(16, 500) == (first, 516)
+  assert decoding.cache_lengths(16, 1000) == (first, 2 * first, 1016)
+  assert decoding.cache_lengths(16, 2000) == (first, 2 * first, 4 * first, 2016)
+  # No length just below the full one: 16 + 250 is within 5/4 of 256.
+  assert decoding.cache_lengths(16, 250) == (266,)
+  assert decoding.cache_lengths(16, 304) == (320,)
+  assert decoding.cache_lengths(16, 305) == (first, 321)
+  # The first length holds the prompt and at least one token.
+  assert decoding.cache_lengths(first, 3 * first) == (2 * first, 4 * first)
+  assert decoding.cache_lengths(first - 1, 1) == (first,)
+
+
+def test_growing_cache_decodes_like_a_full_one(params, prompt, sampled, greedy, forward,
+                                              monkeypatch):
+  # The cache starts at 8 positions (the prompt and 3 tokens) and grows to 13 mid-decode.
+  monkeypatch.setattr(decoding, 'FIRST_CACHE_LENGTH', 4)
+  assert decoding.cache_lengths(PROMPT, STEPS) == (8, PROMPT + STEPS)
+  state = generate.start_decode(MODEL, params, prompt, STEPS, jax.random.key(7), **SAMPLED)
+  assert transformer.decoder_cache_length(state.cache) == 8 and state.packed
+  # Rows of the packed cache: batch * heads.
+  assert state.cache['layers_0']['self_attention']['cached_key'].shape == (
+      BATCH * CONFIG.num_heads, 8, CONFIG.head_dim)
+  state, first = generate.decode_steps(MODEL, params, state, 2)
+  assert transformer.decoder_cache_length(state.cache) == 8
+  state, second = generate.decode_steps(MODEL, params, state, 2)  # grows within the call
+  assert transformer.decoder_cache_length(state.cache) == PROMPT + STEPS
+  state, rest = generate.decode_steps(MODEL, params, state, 4)
+  np.testing.assert_array_equal(np.concatenate([first, second, rest], axis=1), sampled)
+  tokens = np.concatenate([np.asarray(prompt), sampled], axis=1)
+  np.testing.assert_allclose(np.asarray(state.logits), forward(tokens)[:, -1], atol=1e-5,
+                             rtol=1e-5)
+  one_shot = generate.decode(MODEL, params, prompt, STEPS, jax.random.key(7), **SAMPLED)
+  np.testing.assert_array_equal(np.asarray(one_shot), sampled)
+  chunked = generate.decode(MODEL, params, prompt, STEPS, jax.random.key(7), **SAMPLED,
+                            steps_per_call=3)  # 9 steps: the cache grows to 14
+  np.testing.assert_array_equal(np.asarray(chunked), sampled)
+  grown_greedy = generate.decode(MODEL, params, prompt, STEPS, jax.random.key(7),
+                                 temperature=0.0, vocab_mask=SEMANTIC_MASK)
+  np.testing.assert_array_equal(np.asarray(grown_greedy), greedy)
+  # Sharded by a partitioner, the cache stays head-major and grows the same way.
+  partitioner = Partitioner(mesh_shape=(2, 2, 2))
+  state = generate.start_decode(MODEL, params, prompt, STEPS, jax.random.key(7), **SAMPLED,
+                                partitioner=partitioner)
+  assert not state.packed
+  assert state.cache['layers_0']['self_attention']['cached_key'].shape == (
+      BATCH, CONFIG.num_heads, 8, CONFIG.head_dim)
+  state, sharded = generate.decode_steps(MODEL, params, state, STEPS,
+                                         partitioner=partitioner)
+  assert transformer.decoder_cache_length(state.cache) == PROMPT + STEPS
+  np.testing.assert_array_equal(np.asarray(sharded), sampled)
+
+
+def test_scanned_model_decodes_like_the_unrolled_one(params, prompt, sampled):
+  # Decoding runs a scan_layers model unrolled (its stacked layers split once per call).
+  scanned = transformer.Decoder(dataclasses.replace(CONFIG, scan_layers=True))
+  stacked = {k: v for k, v in nn.unbox(params).items() if not k.startswith('layers_')}
+  stacked['layers'] = jax.tree_util.tree_map(
+      lambda *layers: jnp.stack(layers),
+      *[nn.unbox(params[f'layers_{i}']) for i in range(CONFIG.num_layers)])
+  out = generate.decode(scanned, stacked, prompt, STEPS, jax.random.key(7), **SAMPLED,
+                        steps_per_call=4)
+  np.testing.assert_array_equal(np.asarray(out), sampled)
 
 
 def test_vocab_mask_is_respected(sampled, greedy):

@@ -192,7 +192,8 @@ def test_padding_mask_ignores_padded_keys(mha):
   assert np.abs(np.asarray(delta)).max() > 1e-2
 
 
-def test_attention_decode_matches_full():
+@pytest.mark.parametrize('packed', [False, True])
+def test_attention_decode_matches_full(packed):
   module = attention.MultiHeadAttention(num_heads=2, head_dim=4)
   relpos = attention.RelativePositionBiases(num_heads=2, num_buckets=8,
                                             max_distance=16)
@@ -204,7 +205,11 @@ def test_attention_decode_matches_full():
   full = module.apply(variables, x, x, attention.make_causal_mask(length),
                       bias)
   cache = module.init(jax.random.key(1), x, x, decode=True)['cache']
-  assert cache['cached_key'].shape == (2, length, 2, 4)
+  # Head-major: [batch, heads, length, head_dim].
+  assert cache['cached_key'].shape == (2, 2, length, 4)
+  if packed:  # [batch * heads, length, head_dim]
+    cache = dict(cache, cached_key=cache['cached_key'].reshape(4, length, 4),
+                 cached_value=cache['cached_value'].reshape(4, length, 4))
 
   @jax.jit
   def step(cache, xi):
@@ -219,7 +224,16 @@ def test_attention_decode_matches_full():
     out, cache = step(cache, x[:, i:i + 1])
     outs.append(out)
   assert int(cache['cache_index']) == length
+  assert cache['cached_key'].shape == ((4, length, 4) if packed else
+                                       (2, 2, length, 4))
   np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-5)
+  # The cache holds the keys of every position, in its layout.
+  keys = jnp.einsum('ble,ehd->bhld', x,
+                    variables['params']['key']['kernel'].unbox())
+  np.testing.assert_allclose(
+      cache['cached_key'], keys.reshape(cache['cached_key'].shape), atol=1e-5)
+  with pytest.raises(ValueError, match='cache shape'):
+    step(cache, x[:1, :1])
 
 
 def test_relative_bias_decode_rows_of_a_chunk_match_full_matrix():

@@ -40,11 +40,16 @@ def _forward_fn(cfg):
   return jax.jit(lambda v, t, s: model.apply(v, t, segment_ids=s))
 
 
-def _decode_all(cfg, params, tokens, segment_ids):
-  """Feeds `tokens` one position at a time through the KV cache."""
+def _decode_all(cfg, params, tokens, segment_ids, packed=False, grow_at=None):
+  """Feeds `tokens` one position at a time through the KV cache.
+
+  With `grow_at`, the cache starts with that many positions and is grown to
+  the full length once they are filled.
+  """
   model = transformer.Decoder(cfg)
   batch, length = tokens.shape
-  cache = transformer.init_decoder_cache(model, batch, length)
+  cache = transformer.init_decoder_cache(model, batch, grow_at or length,
+                                         packed=packed)
 
   @jax.jit
   def step(cache, tok, seg):
@@ -55,13 +60,17 @@ def _decode_all(cfg, params, tokens, segment_ids):
 
   outs = []
   for i in range(length):
+    if i == grow_at:
+      cache = transformer.resize_decoder_cache(cache, length)
     logits, cache = step(cache, tokens[:, i:i + 1], segment_ids[:, i:i + 1])
     outs.append(logits)
   return jnp.concatenate(outs, axis=1), cache
 
 
-@pytest.mark.parametrize('scan_layers', [False, True])
-def test_kv_cache_decoding_matches_full_forward(scan_layers):
+@pytest.mark.parametrize('scan_layers,packed,grow_at', [
+    (False, False, None), (True, False, None), (False, True, 5),
+    (True, True, 7)])
+def test_kv_cache_decoding_matches_full_forward(scan_layers, packed, grow_at):
   cfg = dataclasses.replace(BASE, scan_layers=scan_layers,
                             activation='gated_gelu' if scan_layers else 'gelu')
   tokens = _tokens()
@@ -73,31 +82,84 @@ def test_kv_cache_decoding_matches_full_forward(scan_layers):
   variables = _init(cfg, tokens)
   full = _forward_fn(cfg)(variables, tokens, segment_ids)
   incremental, cache = _decode_all(cfg, variables['params'], tokens,
-                                   segment_ids)
+                                   segment_ids, packed, grow_at)
   real = np.asarray(segment_ids, bool)
   np.testing.assert_allclose(
       np.asarray(incremental)[real], np.asarray(full)[real], atol=1e-5,
       rtol=1e-5)
   assert int(cache['cache_index']) == LENGTH
+  assert transformer.decoder_cache_length(cache) == LENGTH
+  # [batch, heads, length, head_dim], or [batch * heads, length, head_dim].
+  shape = ((2 * cfg.num_heads,) if packed else (2, cfg.num_heads)) + (
+      LENGTH, cfg.head_dim)
   if scan_layers:
     # The per-layer cache is stacked along a leading layer axis.
     assert cache['layers']['self_attention']['cached_key'].shape == (
-        cfg.num_layers, 2, LENGTH, cfg.num_heads, cfg.head_dim)
+        cfg.num_layers,) + shape
     np.testing.assert_array_equal(
         cache['layers']['self_attention']['cache_index'], [LENGTH] * 2)
   else:
-    assert cache['layers_0']['self_attention']['cached_key'].shape == (
-        2, LENGTH, cfg.num_heads, cfg.head_dim)
-  # The cache from `init(decode=True)` has the same structure.
+    assert cache['layers_0']['self_attention']['cached_key'].shape == shape
+  if packed:
+    cache = transformer.unpack_decoder_cache(cache, cfg.num_heads)
+  # The cache from `init(decode=True)` has the same structure and shapes.
   model = transformer.Decoder(cfg)
   init_cache = jax.eval_shape(
       lambda: model.init(jax.random.key(0), tokens, decode=True))['cache']
-  assert (jax.tree_util.tree_structure(init_cache) ==
-          jax.tree_util.tree_structure(cache))
+  assert (jax.tree_util.tree_map(np.shape, nn.unbox(init_cache)) ==
+          jax.tree_util.tree_map(np.shape, cache))
 
 
-@pytest.mark.parametrize('scan_layers', [False, True])
-def test_prefill_chunks_match_full_forward(scan_layers):
+def test_unroll_layers_computes_the_same_function():
+  cfg = dataclasses.replace(BASE, scan_layers=True)
+  model = transformer.Decoder(cfg)
+  tokens = _tokens()
+  params = nn.unbox(_init(cfg, tokens)['params'])
+  unrolled, unrolled_params = transformer.unroll_layers(model, params)
+  assert not unrolled.config.scan_layers and 'layers' not in unrolled_params
+  np.testing.assert_array_equal(
+      unrolled_params['layers_1']['mlp']['wi']['kernel'],
+      params['layers']['mlp']['wi']['kernel'][1])
+  np.testing.assert_allclose(
+      unrolled.apply({'params': unrolled_params}, tokens),
+      model.apply({'params': params}, tokens), atol=1e-5, rtol=1e-5)
+  # An unscanned model is returned as is.
+  assert transformer.unroll_layers(unrolled, unrolled_params) == (
+      unrolled, unrolled_params)
+
+
+def test_decoder_cache_pack_and_resize():
+  cfg = dataclasses.replace(BASE, scan_layers=True)
+  model = transformer.Decoder(cfg)
+  cache = jax.tree_util.tree_map(
+      lambda x: jax.random.normal(jax.random.key(0), x.shape).astype(x.dtype),
+      transformer.init_decoder_cache(model, 3, 5))
+  packed = transformer.pack_decoder_cache(cache)
+  assert packed['layers']['self_attention']['cached_value'].shape == (
+      cfg.num_layers, 3 * cfg.num_heads, 5, cfg.head_dim)
+  # Rows are batch-major: row b * heads + h.
+  np.testing.assert_array_equal(
+      packed['layers']['self_attention']['cached_value'][:, 1 * 2 + 1],
+      cache['layers']['self_attention']['cached_value'][:, 1, 1])
+  back = transformer.unpack_decoder_cache(packed, cfg.num_heads)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, back, cache)
+  grown = transformer.resize_decoder_cache(packed, 9)
+  assert transformer.decoder_cache_length(grown) == 9
+  keys = grown['layers']['self_attention']['cached_key']
+  assert keys.shape == (cfg.num_layers, 3 * cfg.num_heads, 9, cfg.head_dim)
+  np.testing.assert_array_equal(
+      keys[:, :, :5], packed['layers']['self_attention']['cached_key'])
+  assert not np.asarray(keys[:, :, 5:]).any()
+  assert grown['key_mask'].shape == (3, 9)
+  assert not np.asarray(grown['key_mask'][:, 5:]).any()
+  np.testing.assert_array_equal(grown['cache_index'], cache['cache_index'])
+  assert transformer.resize_decoder_cache(packed, 5) is packed
+  with pytest.raises(ValueError, match='shrink'):
+    transformer.resize_decoder_cache(packed, 4)
+
+
+@pytest.mark.parametrize('scan_layers,packed', [(False, False), (True, True)])
+def test_prefill_chunks_match_full_forward(scan_layers, packed):
   # Feeding several positions per decode call (a prompt prefill) writes the
   # cache in one pass, causal within the chunk, with the right bias rows.
   cfg = dataclasses.replace(BASE, scan_layers=scan_layers)
@@ -107,7 +169,7 @@ def test_prefill_chunks_match_full_forward(scan_layers):
   variables = _init(cfg, tokens)
   full = _forward_fn(cfg)(variables, tokens, segment_ids)
   model = transformer.Decoder(cfg)
-  cache = transformer.init_decoder_cache(model, 2, LENGTH)
+  cache = transformer.init_decoder_cache(model, 2, LENGTH, packed=packed)
   step = jax.jit(lambda c, t, s: model.apply(
       {'params': variables['params'], 'cache': c}, t, segment_ids=s,
       decode=True, mutable=['cache']))
