@@ -12,12 +12,9 @@ fi
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__, jax.devices())' | tee -a "$OUT/gpu.txt"
-run() { echo "+ $*"; timeout 240 python3 "$@" 2>&1 | grep -v '^W0000\|^I0000\|^WARNING: All log' | tee -a "$OUT/log.txt"; }
-run benchmarks/stage_training.py --config anchor --batch 4 --length 1024 --steps 10 \
-  --peak_tflops 989 --json "$OUT/train_anchor.json"
-for remat in dots_with_no_batch_dims_saveable none; do
-  for scan in true false; do
-    run benchmarks/stage_training.py --config paper --batch 16 --length 1024 --steps 5 \
-      --remat $remat --scan $scan --peak_tflops 989 --json "$OUT/train_paper_${remat}_${scan}.json"
-  done
-done
+run() { echo "+ $*" | tee -a "$OUT/log.txt"; timeout 120 python3 "$@" 2>&1 | grep -v '^W0000\|^I0000\|^WARNING: All log' | tee -a "$OUT/log.txt"; }
+run benchmarks/stage_training.py --config anchor --batch 4 --length 1024 --steps 10 --peak_tflops 989
+run benchmarks/stage_training.py --config paper --batch 16 --length 1024 --steps 5 --peak_tflops 989
+run benchmarks/stage_training.py --config paper --batch 16 --length 1024 --steps 5 --remat none --scan false --peak_tflops 989
+run benchmarks/sampling.py --config paper --lengths 500 2000 --repeats 2 --no-before
+run benchmarks/sampling.py --config anchor --lengths 500 2000 --repeats 2 --no-before

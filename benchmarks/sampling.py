@@ -1,10 +1,11 @@
 """KV-cache sampling speed of a stage-LM-like Decoder on this machine: tokens/s at batch 1.
 
   nice -n 19 .venv/bin/python benchmarks/sampling.py [--lengths 250 500 1000 2000]
-      [--repeats 3] [--no-before] [--steps-per-call 64]
+      [--repeats 3] [--no-before] [--steps-per-call 64] [--config anchor|paper]
 
-Model: width 256, 4 layers, 8 heads of 32, MLP 1024, T5 relative position bias, vocabulary
-1024 (random weights: speed does not depend on them). Each row decodes `length` tokens after
+Model (--config anchor, the default): width 256, 4 layers, 8 heads of 32, MLP 1024, T5 relative
+position bias, vocabulary 1024 (random weights: speed does not depend on them); --config paper
+is the paper's ~430M stage in bfloat16, for an accelerator. Each row decodes `length` tokens after
 a 16-token prompt with `generate.decode`: temperature 1 with top-k 50 (the sort of the
 vocabulary included), greedy, and with --steps-per-call the chunked loop a progress bar would
 drive. Times are medians over `repeats` calls after a warm-up call (compilation excluded;
@@ -45,8 +46,16 @@ from musiclm_jax.generate import decoding  # noqa: E402  pylint: disable=g-impor
 from musiclm_jax.nn import count_params  # noqa: E402  pylint: disable=g-import-not-at-top
 from musiclm_jax.nn import transformer  # noqa: E402  pylint: disable=g-import-not-at-top
 
-CONFIG = transformer.TransformerConfig(
-    vocab_size=1024, embed_dim=256, num_layers=4, num_heads=8, head_dim=32, mlp_dim=1024)
+CONFIGS = {
+    # The anchor shape of the peers' figures (d256, 4 layers, 8 heads, vocab 1024).
+    'anchor': transformer.TransformerConfig(
+        vocab_size=1024, embed_dim=256, num_layers=4, num_heads=8, head_dim=32, mlp_dim=1024),
+    # The paper's stage (gin_configs/models/stages/paper.gin; the coarse stage's vocabulary),
+    # bfloat16 compute: for an accelerator.
+    'paper': transformer.TransformerConfig(
+        vocab_size=2176, embed_dim=1024, num_layers=24, num_heads=16, head_dim=64,
+        mlp_dim=4096, activation='gated_gelu', dtype=jax.numpy.bfloat16, scan_layers=True),
+}
 PROMPT_LENGTH = 16
 
 
@@ -85,13 +94,16 @@ def main_():
                       help='also time the chunked loop (one jitted call per this many steps)')
   parser.add_argument('--no-before', dest='before', action='store_false',
                       help="time only the current cache strategy (not 'before')")
+  parser.add_argument('--config', choices=sorted(CONFIGS), default='anchor',
+                      help="the decoder's sizes: 'anchor' (default) or 'paper' (~430M)")
   args = parser.parse_args()
-  model = transformer.Decoder(CONFIG)
+  config = CONFIGS[args.config]
+  model = transformer.Decoder(config)
   prompt = jax.random.randint(jax.random.key(1), (args.batch, PROMPT_LENGTH), 1,
-                              CONFIG.vocab_size)
+                              config.vocab_size)
   params = jax.jit(model.init)(jax.random.key(0), prompt)['params']
   strategies = ['before', 'now'] if args.before else ['now']
-  print(f'{jax.device_count()} x {jax.devices()[0].platform}, batch {args.batch}, prompt '
+  print(f'{args.config}: {jax.device_count()} x {jax.devices()[0].device_kind}, batch {args.batch}, prompt '
         f'{PROMPT_LENGTH}, {count_params(params) / 1e6:.2f}M parameters')
   print(f'{"tokens":>7} {"mode":>20} {"cache":>7} {"1st s":>6} {"seconds":>8} '
         f'{"tokens/s":>9} {"x":>6}')
