@@ -48,23 +48,33 @@ def save_model_dir(directory: str, params: Any, record: dict[str, Any], record_n
                          f'{record_name!r} and {VARIABLES!r}')
       with open(os.path.join(staging, name), 'wb') as f:
         f.write(data)
-    old = None
-    if os.path.exists(directory):
-      old = tempfile.mkdtemp(prefix=prefix + 'old-', dir=parent)
-      os.rmdir(old)
-      os.replace(directory, old)
-    try:
-      os.replace(staging, directory)
-    except BaseException:
-      if old:
-        os.replace(old, directory)
-      raise
-    if old:
-      shutil.rmtree(old, ignore_errors=True)
+    move_into_place(staging, directory)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise
   return directory
+
+
+def move_into_place(staging: str, target: str) -> None:
+  """Renames the complete folder `staging` to `target`, replacing an existing `target` only once
+  `staging` is in place (the old one is moved aside first and restored if the rename fails).
+
+  `staging` should be a sibling of `target` (same file system: each rename is atomic).
+  """
+  parent = os.path.dirname(os.path.abspath(target))
+  old = None
+  if os.path.exists(target):
+    old = tempfile.mkdtemp(prefix=f'.{os.path.basename(target)}-old-', dir=parent)
+    os.rmdir(old)
+    os.replace(target, old)
+  try:
+    os.replace(staging, target)
+  except BaseException:
+    if old:
+      os.replace(old, target)
+    raise
+  if old:
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_model_record(directory: str, record_name: str, expected_format: str, what: str,

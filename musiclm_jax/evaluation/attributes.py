@@ -74,6 +74,7 @@ import numpy as np
 
 from musiclm_jax.data.embedded_music import captions as captions_lib
 from musiclm_jax.data.embedded_music import render as render_lib
+from musiclm_jax.data.model_dir import move_into_place
 from musiclm_jax.evaluation import musicnn
 
 FORMAT = 'musiclm_jax.attribute_classifier/1'
@@ -813,19 +814,7 @@ def write_directory_atomically(out_dir: str, write, overwrite: bool = False) -> 
   try:
     write(staging)
     os.chmod(staging, 0o755)
-    old = None
-    if os.path.exists(out_dir):
-      old = tempfile.mkdtemp(prefix=prefix + 'old-', dir=parent)
-      os.rmdir(old)
-      os.replace(out_dir, old)
-    try:
-      os.replace(staging, out_dir)
-    except BaseException:
-      if old:
-        os.replace(old, out_dir)
-      raise
-    if old:
-      shutil.rmtree(old, ignore_errors=True)
+    move_into_place(staging, out_dir)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise

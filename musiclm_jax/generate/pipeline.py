@@ -85,6 +85,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from musiclm_jax.data.model_dir import move_into_place
 from musiclm_jax.generate import decoding
 from musiclm_jax.generate import export
 from musiclm_jax.generate import sampling as sampling_lib
@@ -666,7 +667,7 @@ def assemble_pipeline(out_dir: str = gin.REQUIRED,
     _sampling_from_record(record, specs, out_dir)  # window and stride are whole frames
     with open(os.path.join(staging, RECORD), 'w', encoding='utf-8') as f:
       json.dump(record, f, indent=2, sort_keys=True)
-    _move_into_place(staging, out_dir, prefix, parent)
+    move_into_place(staging, out_dir)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise
@@ -682,22 +683,6 @@ def _per_stage_mapping(sampling: Optional[Mapping[str, Mapping[str, Any]]]
   if unknown:
     raise ValueError(f'sampling: unknown stages {unknown} (the stages are {list(STAGES)})')
   return {k: dict(v) for k, v in sampling.items()}
-
-
-def _move_into_place(staging: str, out_dir: str, prefix: str, parent: str) -> None:
-  old = None
-  if os.path.exists(out_dir):
-    old = tempfile.mkdtemp(prefix=prefix + 'old-', dir=parent)
-    os.rmdir(old)
-    os.replace(out_dir, old)
-  try:
-    os.replace(staging, out_dir)
-  except BaseException:
-    if old:
-      os.replace(old, out_dir)
-    raise
-  if old:
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
