@@ -30,14 +30,8 @@ def save_model_dir(directory: str, params: Any, record: dict[str, Any], record_n
   what was there.
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  directory = os.path.abspath(directory)
-  if os.path.exists(directory) and not overwrite:
-    raise FileExistsError(f'{directory} exists; pass overwrite=True to replace it')
-  parent = os.path.dirname(directory)
-  os.makedirs(parent, exist_ok=True)
-  prefix = f'.{os.path.basename(directory)}-'
-  staging = tempfile.mkdtemp(prefix=prefix + 'new-', dir=parent)
-  try:
+
+  def write(staging: str) -> None:
     with ocp.PyTreeCheckpointer() as checkpointer:
       checkpointer.save(os.path.join(staging, VARIABLES), {'params': params})
     with open(os.path.join(staging, record_name), 'w') as f:
@@ -48,11 +42,39 @@ def save_model_dir(directory: str, params: Any, record: dict[str, Any], record_n
                          f'{record_name!r} and {VARIABLES!r}')
       with open(os.path.join(staging, name), 'wb') as f:
         f.write(data)
-    move_into_place(staging, directory)
+
+  return write_directory_atomically(directory, write, overwrite=overwrite)
+
+
+def write_directory_atomically(out_dir: str, write, overwrite: bool = False,
+                               overwrite_hint: str = 'overwrite=True') -> str:
+  """Calls write(staging) on a staging folder beside out_dir, then renames it into place.
+
+  An existing out_dir is replaced only with overwrite, and only once the new one is complete
+  (it is moved aside and put back if the rename fails); a failed write leaves no trace.
+
+  Returns:
+    The absolute out_dir.
+
+  Raises:
+    FileExistsError: out_dir exists and not overwrite (the message names `overwrite_hint`).
+  """
+  out_dir = os.path.abspath(out_dir)
+  if os.path.exists(out_dir) and not overwrite:
+    raise FileExistsError(f'{out_dir} exists; pass {overwrite_hint} to replace it')
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=f'.{os.path.basename(out_dir)}-new-', dir=parent)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would make the folder private
+  try:
+    write(staging)
+    move_into_place(staging, out_dir)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise
-  return directory
+  return out_dir
 
 
 def move_into_place(staging: str, target: str) -> None:

@@ -64,8 +64,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
@@ -74,7 +72,7 @@ import numpy as np
 
 from musiclm_jax.data.embedded_music import captions as captions_lib
 from musiclm_jax.data.embedded_music import render as render_lib
-from musiclm_jax.data.model_dir import move_into_place
+from musiclm_jax.data.model_dir import write_directory_atomically
 from musiclm_jax.evaluation import musicnn
 
 FORMAT = 'musiclm_jax.attribute_classifier/1'
@@ -739,7 +737,8 @@ class AttributeClassifier:
         json.dump(record, f, indent=1, sort_keys=True)
         f.write('\n')
 
-    path = write_directory_atomically(out_dir, write, overwrite=overwrite)
+    path = write_directory_atomically(out_dir, write, overwrite=overwrite,
+                                      overwrite_hint='overwrite=True (--overwrite)')
     self.record = record
     return path
 
@@ -796,29 +795,6 @@ class AttributeClassifier:
                               weights=weights, bias=bias, l2=float(spec['l2']),
                               rotate=bool(spec['rotate']))
     return cls(heads, record['classes'], config, record)
-
-
-def write_directory_atomically(out_dir: str, write, overwrite: bool = False) -> str:
-  """Calls write(staging) on a staging folder beside out_dir, then renames it into place.
-
-  An existing out_dir is replaced only with overwrite, and only once the new one is complete
-  (it is moved aside and put back if the rename fails).
-  """
-  out_dir = os.path.abspath(out_dir)
-  if os.path.exists(out_dir) and not overwrite:
-    raise FileExistsError(f'{out_dir} exists; pass overwrite=True (--overwrite) to replace it')
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  prefix = f'.{os.path.basename(out_dir)}-'
-  staging = tempfile.mkdtemp(prefix=prefix + 'new-', dir=parent)
-  try:
-    write(staging)
-    os.chmod(staging, 0o755)
-    move_into_place(staging, out_dir)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
-  return out_dir
 
 
 # Corpus.

@@ -75,7 +75,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
@@ -85,7 +84,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from musiclm_jax.data.model_dir import move_into_place
+from musiclm_jax.data.model_dir import write_directory_atomically
 from musiclm_jax.generate import decoding
 from musiclm_jax.generate import export
 from musiclm_jax.generate import sampling as sampling_lib
@@ -637,14 +636,8 @@ def assemble_pipeline(out_dir: str = gin.REQUIRED,
              'semantic_stage': semantic_stage_dir, 'coarse_stage': coarse_stage_dir,
              'fine_stage': fine_stage_dir}
   overrides = _per_stage_mapping(sampling)
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  prefix = f'.{os.path.basename(out_dir)}-'
-  staging = tempfile.mkdtemp(prefix=prefix + 'new-', dir=parent)
-  umask = os.umask(0)
-  os.umask(umask)
-  os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would make the folder private
-  try:
+
+  def write(staging: str) -> None:
     parts = {}
     for part, source in sources.items():
       if source is None:
@@ -667,10 +660,8 @@ def assemble_pipeline(out_dir: str = gin.REQUIRED,
     _sampling_from_record(record, specs, out_dir)  # window and stride are whole frames
     with open(os.path.join(staging, RECORD), 'w', encoding='utf-8') as f:
       json.dump(record, f, indent=2, sort_keys=True)
-    move_into_place(staging, out_dir)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
+
+  write_directory_atomically(out_dir, write, overwrite=overwrite)
   print(f'assemble_pipeline: wrote {out_dir} ({export.describe_dir_size(out_dir) / 1e6:.1f} MB)')
   return out_dir
 
