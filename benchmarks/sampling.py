@@ -45,17 +45,11 @@ from musiclm_jax import generate  # noqa: E402  pylint: disable=g-import-not-at-
 from musiclm_jax.generate import decoding  # noqa: E402  pylint: disable=g-import-not-at-top
 from musiclm_jax.nn import count_params  # noqa: E402  pylint: disable=g-import-not-at-top
 from musiclm_jax.nn import transformer  # noqa: E402  pylint: disable=g-import-not-at-top
+import stage_training  # noqa: E402  pylint: disable=g-import-not-at-top  (benchmarks/, beside this file)
 
-CONFIGS = {
-    # The anchor shape of the peers' figures (d256, 4 layers, 8 heads, vocab 1024).
-    'anchor': transformer.TransformerConfig(
-        vocab_size=1024, embed_dim=256, num_layers=4, num_heads=8, head_dim=32, mlp_dim=1024),
-    # The paper's stage (gin_configs/models/stages/paper.gin; the coarse stage's vocabulary),
-    # bfloat16 compute: for an accelerator.
-    'paper': transformer.TransformerConfig(
-        vocab_size=2176, embed_dim=1024, num_layers=24, num_heads=16, head_dim=64,
-        mlp_dim=4096, activation='gated_gelu', dtype=jax.numpy.bfloat16, scan_layers=True),
-}
+# The anchor shape of the peers' figures and the paper's stage (bfloat16 compute: for an
+# accelerator); the training benchmark's remat setting does not touch decoding.
+CONFIGS = stage_training.CONFIGS
 PROMPT_LENGTH = 16
 
 
