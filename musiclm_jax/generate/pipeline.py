@@ -972,14 +972,16 @@ class Pipeline:
                        f'{MIN_MELODY_SECONDS:g} s of the tune')
     stream = next(s for s in self.stages['semantic'].spec.conditions
                   if s.feature == MELODY_FEATURE)
+    from musiclm_jax.melody import conditioning as melody_conditioning  # pylint: disable=g-import-not-at-top
     network = self.melody.network
-    length = network.window_samples + (stream.frames - 1) * network.hop_samples
+    length = melody_conditioning.segment_samples(network.window_samples, network.hop_samples,
+                                                 stream.frames)
     cache: dict[int, np.ndarray] = {}
 
     def tokens(start: int) -> np.ndarray:
       start = int(start) % len(wav)
       if start not in cache:
-        segment = wav[(start + np.arange(length)) % len(wav)]
+        segment = melody_conditioning.looped_segment(wav, start, length)
         cache[start] = np.asarray(self.melody.tokens(segment[None])[0], np.int32)
         assert cache[start].shape == (stream.frames, stream.num_levels), cache[start].shape
       return cache[start]

@@ -71,6 +71,18 @@ __all__ = ['ConditioningLayout', 'MelodyConditioner', 'fit_melody_conditioner', 
 # ---------------------------------------------------------------------------
 
 
+def segment_samples(window_samples: int, hop_samples: int, frames: int) -> int:
+  """Samples of audio `frames` melody tokens describe: window + (frames - 1) * hop."""
+  return window_samples + (frames - 1) * hop_samples
+
+
+def looped_segment(audio: Any, start: int, length: int) -> Any:
+  """audio[..., start:start + length], looped past the end (how a tune shorter than the span
+  it conditions is followed): the one layout of melody tokens in training (the stage-token
+  cache, from sample 0), sampling (each window's start) and evaluation."""
+  return audio[..., (int(start) + np.arange(length)) % audio.shape[-1]]
+
+
 class MelodyConditioner:
   """A melody encoder and the RVQ over its space: audio -> int32 melody tokens per window.
 

@@ -7,14 +7,17 @@ Two kinds of task:
    (`tokenize_streams`: semantic tokens, SoundStream codes of every level, MuLan tokens; see
    stages/tokens.py) -> `seqio.CacheDatasetPlaceholder()`. The cache holds, per crop,
    `semantic_tokens` [frames], `codec_tokens` [frames, levels], `mulan_tokens` [levels] (and
-   any other tokenizer's feature, e.g. melody tokens), plus `caption`, `aspects`, `id`; no audio.
+   any other tokenizer's feature, e.g. `melody_tokens` [windows, levels]), plus `caption`,
+   `aspects`, `id`; no audio.
    Its provenance (tokenizer weights, crop) is checked whenever a stage reads it.
 
 2. A stage task (`register_stage_task(tokens_task, spec)`, or `stage_task` in gin): reads the
    completed cache of a stage-token task (`CachedTokensSource`; the cache is found in SeqIO's
    cache directories: DatasetConfig.cache_dir) and `stage_examples` turns each cached crop into
    one stage example: an aligned random crop of the time-aligned streams (the same stretch of
-   audio for semantic and codec tokens), the clip-level streams whole, every stream offset into
+   audio for semantic and codec tokens; from the clip's start when the stage conditions on melody
+   tokens, which describe the clip from its start), the clip-level streams whole (every level
+   and frame of their frozen model: the spec must match it), every stream offset into
    its id range and flattened frame-major (StageSpec.encode_stream): 'inputs' = the conditioning
    prefix, 'targets' = the predicted stream. The crop is the task's `crop_seconds` (the run
    files' CROP_SECONDS), or, without one, comes from the task feature length of 'targets'; so
@@ -40,7 +43,8 @@ import seqio
 
 from musiclm_jax.data import preprocessors
 from musiclm_jax.data.frozen_tokenizer import FrozenTokenizer
-from musiclm_jax.stages.spec import StageSpec, TokenStream
+from musiclm_jax.stages.spec import (CODEC_FEATURE, MELODY_FEATURE, MULAN_FEATURE,
+                                     SEMANTIC_FEATURE, StageSpec, TokenStream)
 from musiclm_jax.train.summaries import quiet_tensorflow
 
 tf = quiet_tensorflow()
@@ -147,6 +151,15 @@ def register_stage_tokens_task(task_name: str, tfds_name: str, tokenizers: Token
 # Stage examples from the cache.
 
 
+# The gin bindings that size a stream of each cached feature (named in errors).
+_SIZE_BINDINGS = {
+    SEMANTIC_FEATURE: 'TokenSizes.semantic_codes',
+    CODEC_FEATURE: 'TokenSizes.codec_levels / codec_codes',
+    MULAN_FEATURE: 'TokenSizes.mulan_levels / mulan_codes',
+    MELODY_FEATURE: 'TokenSizes.melody_levels / melody_codes / melody_frames',
+}
+
+
 def _stream_codes(ex, s: TokenStream, spec: StageSpec):
   """int32 [frames, levels] codes of stream `s` from its cached feature (range-checked)."""
   where = f'stage {spec.name!r}, stream {s.name!r} (feature {s.feature!r})'
@@ -159,18 +172,27 @@ def _stream_codes(ex, s: TokenStream, spec: StageSpec):
   elif x.shape.rank != 2:
     raise ValueError(f'{where}: expected cached codes of rank 1 or 2, got {x.shape}')
   need = s.first_level + s.num_levels
+  sizes = _SIZE_BINDINGS.get(s.feature, 'TokenSizes')
   checks = [tf.debugging.assert_greater_equal(
       tf.shape(x)[1], need, message=f'{where}: the cache has fewer than {need} levels')]
   if not s.time_aligned:
+    # A conditioner's tokens are used whole, as the pipeline checks (assemble_pipeline): every
+    # level, and the frames its model gives a cached clip.
     checks.append(tf.debugging.assert_equal(
-        tf.shape(x)[0], s.frames, message=f'{where}: expected {s.frames} frame(s) per clip'))
+        tf.shape(x)[0], s.frames, message=f'{where}: the spec expects {s.frames} frame(s) per '
+        f'clip, the cache has another number; bind {sizes} to what the frozen model gives a '
+        'cached clip'))
+    if not s.first_level:
+      checks.append(tf.debugging.assert_equal(
+          tf.shape(x)[1], need, message=f'{where}: the spec uses {need} level(s), the cache '
+          f'has another number; bind {sizes} to the frozen model\'s levels'))
   with tf.control_dependencies(checks):
     x = x[:, s.first_level:need]
   checks = [
       tf.debugging.assert_non_negative(x, message=f'{where}: negative codes in the cache'),
       tf.debugging.assert_less(
           x, s.codebook_size, message=f'{where}: cached codes >= the spec\'s codebook_size '
-          f'{s.codebook_size}; the spec (TokenSizes in gin) does not match the frozen models '
+          f'{s.codebook_size}; the spec ({sizes} in gin) does not match the frozen models '
           'that made the cache')]
   with tf.control_dependencies(checks):
     return tf.identity(x)
@@ -193,10 +215,15 @@ def _crop_and_flatten(ex, seed, *, spec: StageSpec, crop_samples: Optional[int])
     offset, length = tf.constant(0, tf.int32), available
   else:
     wanted = crop_samples // unit
-    offset = tf.random.stateless_uniform([], seed, minval=0,
-                                         maxval=tf.maximum(available - wanted, 0) + 1,
-                                         dtype=tf.int32)
     length = tf.minimum(available, wanted)
+    if any(s.feature == MELODY_FEATURE for s in spec.streams):
+      # Melody tokens describe the clip from its start (stages.tokens.MelodyAudioTokenizer), as
+      # the pipeline gives a window the tune from the window's start: crop from the start too.
+      offset = tf.constant(0, tf.int32)
+    else:
+      offset = tf.random.stateless_uniform([], seed, minval=0,
+                                           maxval=tf.maximum(available - wanted, 0) + 1,
+                                           dtype=tf.int32)
   flat = {}
   for s in spec.streams:
     c = codes[s.name]

@@ -1,20 +1,25 @@
-"""The frozen tokenizers of the stage-token cache: semantic tokens, SoundStream codes, MuLan tokens.
+"""The frozen tokenizers of the stage-token cache: semantic, SoundStream, MuLan (+ melody) tokens.
 
 Every stage trains on tokens computed once, offline (`musiclm-jax tokenize`), from each audio crop
-of a corpus by three frozen models (musiclm_jax/stages/data.py caches them together):
+of a corpus by three frozen models, four for a melody-conditioned semantic stage
+(musiclm_jax/stages/data.py caches them together):
 
   semantic_tokens  int32 [samples // 960]      `load_semantic_tokenizer` (w2v-BERT + k-means)
   codec_tokens     int32 [frames, 12]          `codec_tokenizer`: SoundStream.encode of a codec
                                                run directory (50 Hz, every RVQ level)
   mulan_tokens     int32 [12]                  `mulan_tokenizer`: MuLanConditioner.audio_tokens
                                                of a conditioner directory, as a Flax module
+  melody_tokens    int32 [windows, 24]         `melody_tokenizer`: MelodyConditioner.tokens of a
+                                               melody conditioner directory, as a Flax module
+                                               (3 windows per 10 s clip; only with melody=True)
 
 Each is a `FrozenTokenizer` (weights from an orbax checkpoint, a parameter fingerprint for the
-cache's provenance). `StageTokenizers` builds the three from model directories on first use, so a
+cache's provenance). `StageTokenizers` builds them from model directories on first use, so a
 task module can register a cacheable task at import time even before the models exist; the
 directories come from its arguments, else from gin (`stage_token_model_dirs`), else from the
 environment (MUSICLM_JAX_SEMANTIC_TOKENIZER_DIR, MUSICLM_JAX_CODEC_DIR,
-MUSICLM_JAX_MULAN_CONDITIONER_DIR), else the tiny models' usual places under runs/.
+MUSICLM_JAX_MULAN_CONDITIONER_DIR, MUSICLM_JAX_MELODY_CONDITIONER_DIR), else the tiny models'
+usual places under runs/.
 """
 from __future__ import annotations
 
@@ -26,19 +31,23 @@ import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from musiclm_jax.data.frozen_tokenizer import FrozenTokenizer
-from musiclm_jax.stages.spec import CODEC_FEATURE, MULAN_FEATURE, SAMPLE_RATE, SEMANTIC_FEATURE
+from musiclm_jax.stages.spec import (CODEC_FEATURE, MELODY_FEATURE, MULAN_FEATURE, SAMPLE_RATE,
+                                     SEMANTIC_FEATURE)
 
 Array = jax.Array
 
 ENV_SEMANTIC_TOKENIZER_DIR = 'MUSICLM_JAX_SEMANTIC_TOKENIZER_DIR'
 ENV_CODEC_DIR = 'MUSICLM_JAX_CODEC_DIR'
 ENV_MULAN_CONDITIONER_DIR = 'MUSICLM_JAX_MULAN_CONDITIONER_DIR'
+ENV_MELODY_CONDITIONER_DIR = 'MUSICLM_JAX_MELODY_CONDITIONER_DIR'
 DEFAULT_DIRS = {
     'semantic_tokenizer_dir': ('runs/semantic_tokenizer_tiny', ENV_SEMANTIC_TOKENIZER_DIR),
     'codec_dir': ('runs/codec_tiny', ENV_CODEC_DIR),
     'mulan_conditioner_dir': ('runs/mulan_conditioner_tiny', ENV_MULAN_CONDITIONER_DIR),
+    'melody_conditioner_dir': ('runs/melody_conditioner_tiny', ENV_MELODY_CONDITIONER_DIR),
 }
 
 
@@ -96,6 +105,99 @@ def mulan_tokenizer(conditioner_dir: str, input_samples: int, output_feature: st
                               codebook_size=int(record['codebook_size']),
                               window_samples=int(record['window_samples']),
                               hop_samples=int(record['hop_samples']))
+  return FrozenTokenizer(model=model, output_feature=output_feature, input_samples=input_samples,
+                         method='tokenize',
+                         checkpoint_dir=os.path.join(os.path.abspath(conditioner_dir),
+                                                     'variables'),
+                         batch_size=batch_size, device=device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Melody tokens as a Flax module (what the pipeline computes from a hummed tune).
+
+
+class MelodyAudioTokenizer(nn.Module):
+  """Melody tokens of a clip from its start, as the pipeline's sampling path computes them.
+
+  The pipeline (`Pipeline._melody_tokens_fn`, and the evaluation's `stage_sequences`) gives a
+  stage window the melody tokens of `segment_samples` = window + (frames - 1) * hop samples of
+  the tune from the window's start, looped when the tune is shorter, embedded window by window
+  (`MelodyEncoder.embed_windows`) and quantized by the conditioner's RVQ
+  (`MelodyConditioner.tokens`). This module does the same for a cached clip from sample 0, so the
+  semantic stage trains on the tokens it is sampled with.
+
+  The variables are a melody conditioner directory's: {'params': {'encoder': <MelodyEncoder
+  params>, 'codebooks': [levels, codes, output_dim]}} (musiclm_jax/melody/conditioning.py), so
+  its `variables/` checkpoint loads as it is.
+
+  Attributes:
+    encoder: the `MelodyEncoder` (its window and hop set the windows).
+    num_levels: RVQ levels.
+    codebook_size: codes per level.
+    num_frames: windows (token frames) per clip: TokenSizes.melody_frames.
+  """
+  encoder: nn.Module
+  num_levels: int
+  codebook_size: int
+  num_frames: int
+
+  @property
+  def sample_rate(self) -> int:
+    return SAMPLE_RATE
+
+  @property
+  def segment_samples(self) -> int:
+    """Samples of audio the tokens describe: window + (frames - 1) * hop."""
+    from musiclm_jax.melody.conditioning import segment_samples  # pylint: disable=g-import-not-at-top
+    return segment_samples(self.encoder.window_samples, self.encoder.hop_samples,
+                           self.num_frames)
+
+  @nn.compact
+  def tokenize(self, audio: Array) -> Array:
+    """int32 [batch, frames, levels] melody tokens of float32 audio [batch, samples]."""
+    from musiclm_jax.mulan.conditioning import rvq_encode  # pylint: disable=g-import-not-at-top
+    codebooks = self.param('codebooks', nn.initializers.normal(1.0),
+                           (self.num_levels, self.codebook_size, self.encoder.output_dim),
+                           jnp.float32)
+    # The pipeline's segment from sample 0: looped past the clip's end (static indices).
+    from musiclm_jax.melody.conditioning import looped_segment  # pylint: disable=g-import-not-at-top
+    segment = looped_segment(audio, 0, self.segment_samples)
+    emb = self.encoder.embed_windows(segment)
+    return rvq_encode(emb, codebooks)
+
+  def __call__(self, audio: Array) -> Array:
+    return self.tokenize(audio)
+
+
+def melody_tokenizer(conditioner_dir: str, input_samples: int,
+                     output_feature: str = MELODY_FEATURE, num_frames: Optional[int] = None,
+                     batch_size: int = 8, device: Optional[str] = None) -> FrozenTokenizer:
+  """A FrozenTokenizer of a melody conditioner directory: audio -> int32 [batch, frames, levels].
+
+  Args:
+    conditioner_dir: a `musiclm-jax fit_melody_conditioner` directory.
+    input_samples: the clip.
+    output_feature: the feature the tokens are written to.
+    num_frames: melody windows per clip; None: every whole window of the clip
+      (`MelodyConditioner.num_windows(input_samples)`: 3 for 10 s with 4 s windows, 3 s hop).
+    batch_size: clips per model call.
+    device: platform the model runs on (None: JAX's default).
+  """
+  from musiclm_jax.melody import conditioning  # pylint: disable=g-import-not-at-top
+  from musiclm_jax.melody.encoder import MelodyEncoder  # pylint: disable=g-import-not-at-top
+  record = conditioning.read_melody_conditioner_record(conditioner_dir)
+  encoder = conditioning.module_from_config(record['encoder'])
+  if not isinstance(encoder, MelodyEncoder):
+    raise ValueError(f'{conditioner_dir}: the melody conditioner\'s encoder is a '
+                     f'{type(encoder).__name__}, not a MelodyEncoder')
+  if num_frames is None:
+    num_frames = encoder.num_windows(input_samples)
+  if int(num_frames) < 1:
+    raise ValueError(f'melody_tokenizer({conditioner_dir}): num_frames must be positive, got '
+                     f'{num_frames}')
+  model = MelodyAudioTokenizer(encoder=encoder, num_levels=int(record['num_levels']),
+                               codebook_size=int(record['codebook_size']),
+                               num_frames=int(num_frames))
   return FrozenTokenizer(model=model, output_feature=output_feature, input_samples=input_samples,
                          method='tokenize',
                          checkpoint_dir=os.path.join(os.path.abspath(conditioner_dir),
@@ -200,40 +302,48 @@ def codec_tokenizer(codec_dir: str, input_samples: int, output_feature: str = CO
 
 
 # ---------------------------------------------------------------------------------------------
-# The three, from model directories, built on first use.
+# The three (or four, with melody), from model directories, built on first use.
 
 
 @gin.configurable
 def stage_token_model_dirs(semantic_tokenizer_dir: Optional[str] = None,
                            codec_dir: Optional[str] = None,
-                           mulan_conditioner_dir: Optional[str] = None) -> dict[str, str]:
+                           mulan_conditioner_dir: Optional[str] = None,
+                           melody_conditioner_dir: Optional[str] = None) -> dict[str, str]:
   """The frozen models of the default stage-token tasks (tasks/stages.py).
 
   Each None falls back to its environment variable (MUSICLM_JAX_SEMANTIC_TOKENIZER_DIR,
-  MUSICLM_JAX_CODEC_DIR, MUSICLM_JAX_MULAN_CONDITIONER_DIR), then to the tiny models' usual
-  directories (runs/semantic_tokenizer_tiny, runs/codec_tiny, runs/mulan_conditioner_tiny,
-  relative to the working directory).
+  MUSICLM_JAX_CODEC_DIR, MUSICLM_JAX_MULAN_CONDITIONER_DIR, MUSICLM_JAX_MELODY_CONDITIONER_DIR),
+  then to the tiny models' usual directories (runs/semantic_tokenizer_tiny, runs/codec_tiny,
+  runs/mulan_conditioner_tiny, runs/melody_conditioner_tiny, relative to the working
+  directory). Only the melody tasks (`StageTokenizers(melody=True)`) open the melody
+  conditioner.
 
   Returns:
-    {'semantic_tokenizer_dir', 'codec_dir', 'mulan_conditioner_dir': directory}.
+    {'semantic_tokenizer_dir', 'codec_dir', 'mulan_conditioner_dir', 'melody_conditioner_dir':
+    directory}.
   """
   given = {'semantic_tokenizer_dir': semantic_tokenizer_dir, 'codec_dir': codec_dir,
-           'mulan_conditioner_dir': mulan_conditioner_dir}
+           'mulan_conditioner_dir': mulan_conditioner_dir,
+           'melody_conditioner_dir': melody_conditioner_dir}
   return {key: value or os.environ.get(DEFAULT_DIRS[key][1]) or DEFAULT_DIRS[key][0]
           for key, value in given.items()}
 
 
 class StageTokenizers:
-  """The semantic, codec and MuLan FrozenTokenizers of a stage-token task, built on first use.
+  """The FrozenTokenizers of a stage-token task (semantic, codec, MuLan, [melody]), built lazily.
 
   Args:
     clip_seconds: the crop the task tokenizes (each tokenizer's input length).
     semantic_tokenizer_dir: a `musiclm-jax fit_kmeans` tokenizer directory.
     codec_dir: a codec run directory (`musiclm-jax train --gin_file=runs/train_codec.gin`).
     mulan_conditioner_dir: a `musiclm-jax fit_conditioner` directory.
+    melody: also cache `melody_tokens` (`melody_tokenizer`: every whole melody window of the
+      crop), the 'melody' stream of `semantic_stage_spec` with TokenSizes.melody_levels > 0.
+    melody_conditioner_dir: a `musiclm-jax fit_melody_conditioner` directory (implies
+      `melody`).
     codec_step: the codec checkpoint step (None: the latest).
-    extra: more FrozenTokenizers of the same crop (e.g. melody tokens for the 'melody' stream of
-      `semantic_stage_spec` with TokenSizes.melody_levels > 0), appended after the three.
+    extra: more FrozenTokenizers of the same crop, appended after the others.
     batch_size: clips per model call.
     device: platform the models run on (None: JAX's default).
   Directories left None are taken from `stage_token_model_dirs()` when first needed (gin, the
@@ -241,14 +351,21 @@ class StageTokenizers:
   """
 
   OUTPUT_RANKS = {SEMANTIC_FEATURE: 1, CODEC_FEATURE: 2, MULAN_FEATURE: 1}
+  MELODY_RANK = 2  # [windows, levels]
 
   def __init__(self, clip_seconds: float, *, semantic_tokenizer_dir: Optional[str] = None,
                codec_dir: Optional[str] = None, mulan_conditioner_dir: Optional[str] = None,
+               melody: bool = False, melody_conditioner_dir: Optional[str] = None,
                codec_step: Optional[int] = None, extra: Sequence[FrozenTokenizer] = (),
                batch_size: int = 8, device: Optional[str] = None):
     self.clip_seconds = float(clip_seconds)
     self.dirs = {'semantic_tokenizer_dir': semantic_tokenizer_dir, 'codec_dir': codec_dir,
                  'mulan_conditioner_dir': mulan_conditioner_dir}
+    # Only melody tasks name (and open) a melody conditioner, so the other tasks' dirs,
+    # tokenizers and cache provenance are what they were before melody tokens existed.
+    self.melody = bool(melody or melody_conditioner_dir)
+    if self.melody:
+      self.dirs['melody_conditioner_dir'] = melody_conditioner_dir
     self.codec_step = codec_step
     self.extra = tuple(extra)
     for t in self.extra:
@@ -279,6 +396,8 @@ class StageTokenizers:
   def output_ranks(self) -> dict[str, int]:
     """{output feature: rank of one example's tokens}; opens no model directory."""
     ranks = dict(self.OUTPUT_RANKS)
+    if self.melody:
+      ranks[MELODY_FEATURE] = self.MELODY_RANK
     ranks.update({t.output_feature: len(t.output_spec().shape) for t in self.extra})
     return ranks
 
@@ -288,7 +407,8 @@ class StageTokenizers:
     return {key: value or defaults[key] for key, value in self.dirs.items()}
 
   def frozen_tokenizers(self) -> list[FrozenTokenizer]:
-    """[semantic, codec, MuLan, *extra] FrozenTokenizers (built once; weights load when used).
+    """[semantic, codec, MuLan, (melody,) *extra] FrozenTokenizers (built once; weights load
+    when used).
 
     Raises:
       FileNotFoundError: a model directory is missing; the message names it, and the gin
@@ -307,7 +427,7 @@ class StageTokenizers:
                 f'{directory!r} does not exist; pass it to the task, bind '
                 f'stage_token_model_dirs.{key} in gin, or set ${DEFAULT_DIRS[key][1]}')
         n = self.input_samples
-        self._tokenizers = [
+        tokenizers = [
             load_semantic_tokenizer(dirs['semantic_tokenizer_dir'], input_samples=n,
                                     output_feature=SEMANTIC_FEATURE,
                                     batch_size=self.batch_size, device=self.device),
@@ -315,6 +435,9 @@ class StageTokenizers:
                             batch_size=self.batch_size, device=self.device),
             mulan_tokenizer(dirs['mulan_conditioner_dir'], n, batch_size=self.batch_size,
                             device=self.device),
-            *self.extra,
         ]
+        if self.melody:
+          tokenizers.append(melody_tokenizer(dirs['melody_conditioner_dir'], n,
+                                             batch_size=self.batch_size, device=self.device))
+        self._tokenizers = tokenizers + list(self.extra)
     return self._tokenizers

@@ -22,15 +22,16 @@ TEST_SIZES = TokenSizes(semantic_codes=16, codec_levels=3, codec_codes=32, coars
 TEST_SIZE_BINDINGS = [f'TokenSizes.{k}={v}' for k, v in vars(TEST_SIZES).items()]
 
 
-def tokenizers() -> list[FrozenTokenizer]:
+def tokenizers(clip_samples: int = CLIP_SAMPLES) -> list[FrozenTokenizer]:
+  """The three stand-ins (semantic, codec, MuLan tokens) for crops of `clip_samples`."""
   def rpq(feature, hop, codes, books, seed):
     return FrozenTokenizer(
         model=RandomProjectionQuantizer(frame_size=max(960, hop), hop=hop, dim=8,
                                         codebook_size=codes,
                                         num_codebooks=books),
-        output_feature=feature, input_samples=CLIP_SAMPLES, init_seed=seed, batch_size=8)
+        output_feature=feature, input_samples=clip_samples, init_seed=seed, batch_size=8)
   return [rpq('semantic_tokens', 960, 16, 1, 1), rpq('codec_tokens', 480, 32, 3, 2),
-          rpq('mulan_tokens', CLIP_SAMPLES, 8, 2, 3)]
+          rpq('mulan_tokens', clip_samples, 8, 2, 3)]
 
 
 register_stage_tokens_task(TASK, 'embedded_music/tiny:1.1.0', tokenizers(),

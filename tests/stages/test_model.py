@@ -215,5 +215,6 @@ def test_tokenize_example_names_the_tiny_models():
   from musiclm_jax.stages.tokens import stage_token_model_dirs  # pylint: disable=g-import-not-at-top
   assert stage_token_model_dirs() == {'semantic_tokenizer_dir': 'runs/semantic_tokenizer_tiny',
                                       'codec_dir': 'runs/codec_tiny',
-                                      'mulan_conditioner_dir': 'runs/mulan_conditioner_tiny'}
+                                      'mulan_conditioner_dir': 'runs/mulan_conditioner_tiny',
+                                      'melody_conditioner_dir': 'runs/melody_conditioner_tiny'}
   assert gin.query_parameter('%TASKS') == ['embedded_music_stage_tokens']
