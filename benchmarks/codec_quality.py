@@ -3,7 +3,8 @@
 On clips of the embedded corpus's test split (10 s, 24 kHz), prints one table: multi-scale mel
 distance and SI-SNR against the input (lower / higher is better), for the input itself (the
 metrics' floor), Opus (opusenc --hard-cbr, opusdec --rate 24000) and the codec with 3, 6 and 12
-RVQ levels; then the codec's encode and decode speed on this machine (x real time, 10 s, jitted,
+RVQ levels (with --fad also musicnn FAD of each row against real clips: the input row is the
+real-vs-real floor); then the codec's encode and decode speed on this machine (x real time, 10 s, jitted,
 after warm-up).
 
 Opus comes from Debian's opus-tools: `sudo apt-get install opus-tools`.
@@ -17,7 +18,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,18 +29,8 @@ BITRATES_KBPS = (1.5, 3.0, 6.0)
 
 def opus_roundtrip(audio: np.ndarray, sample_rate: int, kbps: float, workdir: str) -> np.ndarray:
   """Encodes and decodes with the opus-tools command-line programs; same length as the input."""
-  import soundfile as sf  # pylint: disable=g-import-not-at-top
-  src, enc, dec = (os.path.join(workdir, n) for n in ('in.wav', 'out.opus', 'out.wav'))
-  sf.write(src, audio, sample_rate, subtype='PCM_16')
-  subprocess.run(['opusenc', '--quiet', '--bitrate', f'{kbps:g}', '--hard-cbr', src, enc],
-                 check=True)
-  subprocess.run(['opusdec', '--quiet', '--rate', str(sample_rate), enc, dec], check=True)
-  out, rate = sf.read(dec, dtype='float32')
-  assert rate == sample_rate, rate
-  if out.ndim == 2:
-    out = out.mean(axis=1)
-  out = out[:len(audio)]
-  return np.pad(out, (0, len(audio) - len(out)))
+  from musiclm_jax.audio import opus  # pylint: disable=g-import-not-at-top
+  return opus.roundtrip(audio, sample_rate, kbps, workdir)
 
 
 def load_clips(tfds_data_dir, split: str, num_clips: int) -> np.ndarray:
@@ -61,6 +51,9 @@ def main(argv=None) -> int:
   parser.add_argument('--num_clips', type=int, default=30)
   parser.add_argument('--batch', type=int, default=6)
   parser.add_argument('--json', default=None, help='also write the table here')
+  parser.add_argument('--fad', action='store_true',
+                      help='also musicnn FAD of each row: real half A vs the row\'s clips of '
+                           'half B (the input row: real A vs real B, the floor)')
   args = parser.parse_args(argv)
   tfds_data_dir = os.path.expanduser(args.tfds_data_dir) if args.tfds_data_dir else None
 
@@ -82,6 +75,20 @@ def main(argv=None) -> int:
     codec_fns[kbps] = (n, jax.jit(lambda a, n=n: model.reconstruct(params, model_state, a,
                                                                    n)['audio']))
 
+  embedder = None
+  if args.fad:
+    from musiclm_jax.evaluation import frechet  # pylint: disable=g-import-not-at-top
+    from musiclm_jax.evaluation import musicnn  # pylint: disable=g-import-not-at-top
+    embedder = musicnn.default_embedder()
+    half = len(clips) // 2
+    reference = embedder.clip_outputs(list(clips[:half])).embeddings
+
+  def fad_of(estimates: np.ndarray) -> float:
+    if embedder is None:
+      return float('nan')
+    return float(frechet.fad(reference,
+                             embedder.clip_outputs(list(estimates[half:2 * half])).embeddings))
+
   def score(estimates: np.ndarray):
     dist, snr = [], []
     for i in range(0, len(clips), args.batch):
@@ -89,7 +96,8 @@ def main(argv=None) -> int:
                        jnp.asarray(estimates[i:i + args.batch]))
       dist.append(np.asarray(d))
       snr.append(np.asarray(s))
-    return float(np.mean(np.concatenate(dist))), float(np.mean(np.concatenate(snr)))
+    return (float(np.mean(np.concatenate(dist))), float(np.mean(np.concatenate(snr))),
+            fad_of(estimates))
 
   rows = [('input itself', '-', *score(clips))]
   have_opus = shutil.which('opusenc') and shutil.which('opusdec')
@@ -125,10 +133,11 @@ def main(argv=None) -> int:
   print(f'codec {args.model_dir} step {step}: generator {n_params / 1e6:.2f}M parameters; '
         f'{len(clips)} clips of {clips.shape[1] / rate:g} s from embedded_music/{args.split}; '
         f'{jax.device_count()} x {jax.devices()[0].platform}')
-  print(f'{"system":<20}{"kbps":>6}{"mel distance":>14}{"SI-SNR dB":>11}')
-  for name, kbps, dist, snr in rows:
+  print(f'{"system":<20}{"kbps":>6}{"mel distance":>14}{"SI-SNR dB":>11}'
+        + (f'{"FAD musicnn":>13}' if args.fad else ''))
+  for name, kbps, dist, snr, fad in rows:
     snr_text = f'{snr:>11.2f}' if np.isfinite(snr) and snr < 200 else f'{"inf":>11}'
-    print(f'{name:<20}{kbps:>6}{dist:>14.3f}{snr_text}')
+    print(f'{name:<20}{kbps:>6}{dist:>14.3f}{snr_text}' + (f'{fad:>13.2f}' if args.fad else ''))
   print(f'encode {timings["encode"]:.1f}x real time, decode {timings["decode"]:.1f}x real time '
         '(10 s, batch 1, all levels)')
   if args.json:

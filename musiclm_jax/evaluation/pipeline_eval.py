@@ -10,9 +10,16 @@ beside references that put each number on a scale:
                the B captions). Floor: real B (two halves of the real split); anchors: white
                noise with each real clip's RMS, digital silence. Also FAD of all generated clips
                against all real ones, and FAD-inf (frechet.fad_infinity) when there are at least
-               `fad_inf_min_clips` clips.
+               `fad_inf_min_clips` clips. `fad_embedders` picks the embedders ('musicnn',
+               'mulan': the pipeline's MuLan audio tower, 'vggish' and 'trill': local
+               SavedModels, see embedders.py); the first gives the headline `fad` section and
+               the systems' 'fad' column, each further one a 'fad_NAME' column, and with more
+               than one, `fad_by_embedder` tabulates them all.
   KLD          musicnn tag posteriors, KL(real_i || generated_i), paired by caption (kld.py);
                references: generated from a shuffled caption, and real clips of other captions.
+               From the first of `fad_embedders` with tag posteriors (embedders without a
+               classifier, MuLan, VGGish, TRILL, give none); skipped, with the reason, when none
+               has them.
   MCC          MuLan cycle consistency (mulan/metrics.py): the cosine between each caption's
                MuLan text embedding and the MuLan audio embedding of the audio generated from it;
                ceiling: the real clip; floor: audio generated from a shuffled caption.
@@ -27,6 +34,8 @@ beside references that put each number on a scale:
                (ceiling, when the split has one). Skipped, with the reason, otherwise.
 
 Diagnostics ("everything sounds like noise: which stage is broken?"), `diagnostics=True`:
+  opus_6kbps                   the real clips through Opus at 6 kbps (the tiny codec's bitrate;
+                               when opus-tools is installed): the codec's baseline;
   codec_resynthesis            the real clips encoded and decoded by the pipeline's codec
                                (multi-scale log-mel distance and SI-SNR to the input, and the
                                scores above): the ceiling of everything generated;
@@ -38,11 +47,17 @@ Diagnostics ("everything sounds like noise: which stage is broken?"), `diagnosti
                                audio tokens of the clip as conditioning; for the MuLan-conditioned
                                stages also with the caption's MuLan text tokens, as at sampling),
                                beside the uniform loss ln(codebook size).
-  Read the `systems` table top to bottom: real, codec, +fine, +coarse, +semantic (the full
+  Read the `systems` table top to bottom: real, (Opus,) codec, +fine, +coarse, +semantic (the full
   pipeline), shuffled; the row where the scores fall is the stage that loses the quality.
 
-Writes metrics.json, report.md (tables, confusion-matrix plots) and TensorBoard scalars into
-`out_dir` (musiclm_jax/evaluation/report.py) and returns the metrics.
+Training curves: the stage runs the pipeline was assembled from (pipeline.json's `sources`)
+hold the eval scalars written at each evaluated checkpoint (RUN/eval/, train/trainer.py);
+report.md plots each stage's eval loss and accuracy over training steps (metrics over
+checkpoints), or says why a stage has none (its run folder is missing or has no eval events).
+
+Writes metrics.json, report.md (tables, confusion-matrix and training-curve plots),
+training_curves.json and TensorBoard scalars into `out_dir` (musiclm_jax/evaluation/report.py)
+and returns the metrics.
 """
 from __future__ import annotations
 
@@ -57,6 +72,10 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import gin
 import numpy as np
 
+from musiclm_jax.audio import opus
+from musiclm_jax.melody import conditioning as melody_conditioning
+from musiclm_jax.evaluation import embedders as embedders_lib  # registers vggish/trill_embedder
+
 logger = logging.getLogger(__name__)
 
 SAMPLE_RATE = 24000
@@ -64,10 +83,17 @@ DEFAULT_DATASET = 'embedded_music/default'
 DEFAULT_CLASSIFIER_DIR = 'runs/attribute_classifier'
 VOICE_TIMBRES = ('hum', 'whistle')
 # The rows of the quality ladder, from the real audio down to the floors.
-SYSTEMS = ('real', 'codec_resynthesis', 'ground_truth_semantic_coarse', 'ground_truth_semantic',
+SYSTEMS = ('real', 'opus_6kbps', 'codec_resynthesis', 'ground_truth_semantic_coarse', 'ground_truth_semantic',
            'generated', 'shuffled_captions', 'noise', 'silence')
 # Fewer clips than this: FAD-inf (an extrapolation over subset sizes) is not reported.
 FAD_INF_MIN_CLIPS = 50
+# `fad_embedders` names: musicnn (MTT 'penultimate'), the pipeline's MuLan audio tower, and the
+# SavedModels of embedders.SAVED_MODEL_EMBEDDERS.
+FAD_EMBEDDERS = ('musicnn', 'mulan') + tuple(embedders_lib.SAVED_MODEL_EMBEDDERS)
+# The pipeline parts whose source runs' eval curves the report plots, and the scalars plotted.
+CURVE_PARTS = ('semantic_stage', 'coarse_stage', 'fine_stage')
+CURVE_METRICS = ('eval/loss', 'eval/accuracy', 'eval/loss_unconditional',
+                 'eval/accuracy_unconditional')
 
 
 class EvalError(ValueError):
@@ -247,12 +273,6 @@ def tokenize_clips(pipeline, audio: np.ndarray, batch_size: int, progress: bool 
 # Teacher-forced stage metrics.
 
 
-def _melody_segments(audio: np.ndarray, start: int, length: int) -> np.ndarray:
-  """[n, length] audio from sample `start` of each clip, looped (as the pipeline loops a tune)."""
-  index = (start + np.arange(length)) % audio.shape[1]
-  return audio[:, index]
-
-
 def stage_sequences(pipeline, stage: str, audio: np.ndarray, semantic: np.ndarray,
                     codec: np.ndarray, mulan_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """A stage's training sequences of real clips: (tokens int32 [m, L], loss weights [m, L]).
@@ -294,9 +314,11 @@ def stage_sequences(pipeline, stage: str, audio: np.ndarray, semantic: np.ndarra
         codes[stream.name] = np.asarray(mulan_tokens, np.int32)
       elif stream.feature == MELODY_FEATURE:
         network = pipeline.melody.network
-        length = network.window_samples + (stream.frames - 1) * network.hop_samples
+        length = melody_conditioning.segment_samples(network.window_samples,
+                                                     network.hop_samples, stream.frames)
         codes[stream.name] = np.asarray(
-            pipeline.melody.tokens(_melody_segments(audio, a, length)), np.int32)
+            pipeline.melody.tokens(melody_conditioning.looped_segment(audio, a, length)),
+            np.int32)
       else:
         raise EvalError(f'the {stage} stage: no tokens for its stream {stream.name!r} '
                         f'({stream.feature})')
@@ -558,6 +580,121 @@ def attributes_section(classifier: Any, audio: Mapping[str, np.ndarray],
 
 
 # ---------------------------------------------------------------------------------------------
+# FAD embedders and training curves.
+
+
+def embedder_name(embedder: Any) -> str:
+  """An embedder's name in the metrics: its `name`, 'musicnn' for musicnn, else its class's."""
+  name = getattr(embedder, 'name', None)
+  if isinstance(name, str) and name:
+    return name
+  from musiclm_jax.evaluation import musicnn  # pylint: disable=g-import-not-at-top
+  if isinstance(embedder, musicnn.MusicnnEmbedder):
+    return 'musicnn'
+  return type(embedder).__name__
+
+
+def _entries(fad_embedders: Any) -> list[Any]:
+  if isinstance(fad_embedders, str) or hasattr(fad_embedders, 'clip_outputs'):
+    return [fad_embedders]
+  return list(fad_embedders or ())
+
+
+def resolve_fad_embedders(fad_embedders: Any, *, pipeline: Any, musicnn_embedder: Any = None,
+                          batch_size: int = 8) -> list[tuple[str, Any]]:
+  """(name, embedder) of each entry of `fad_embedders`, loaded; the first is the headline.
+
+  Args:
+    fad_embedders: names from FAD_EMBEDDERS ('musicnn', 'mulan', 'vggish', 'trill'), or
+      embedder objects (`clip_outputs(wavs)`, see embedders.py), in report order.
+    pipeline: the loaded `Pipeline`: 'mulan' embeds with its `mulan` conditioner, the MuLan
+      audio tower MCC uses.
+    musicnn_embedder: what 'musicnn' names (None: `musicnn.default_embedder()`).
+    batch_size: clips per MuLan call.
+
+  Raises:
+    EvalError: no entry, an unknown name, a name twice, or a SavedModel embedder without a
+      loadable model folder (the message names the binding and the folder).
+  """
+  entries = _entries(fad_embedders)
+  if not entries:
+    raise EvalError(f'evaluate_pipeline.fad_embedders is empty: name at least one of '
+                    f'{FAD_EMBEDDERS}')
+  out: list[tuple[str, Any]] = []
+  for entry in entries:
+    if isinstance(entry, str):
+      name = entry.strip().lower()
+      if name == 'musicnn':
+        from musiclm_jax.evaluation import musicnn  # pylint: disable=g-import-not-at-top
+        embedder = (musicnn.default_embedder() if musicnn_embedder is None
+                    else musicnn_embedder)
+      elif name == 'mulan':
+        embedder = embedders_lib.MulanAudioEmbedder(pipeline.mulan, batch_size=batch_size)
+      elif name in embedders_lib.SAVED_MODEL_EMBEDDERS:
+        try:
+          embedder = embedders_lib.SAVED_MODEL_EMBEDDERS[name]()
+        except embedders_lib.EmbedderError as e:
+          raise EvalError(f'evaluate_pipeline.fad_embedders names {name!r}: {e}') from e
+      else:
+        raise EvalError(f'evaluate_pipeline.fad_embedders: unknown embedder {entry!r}; expected '
+                        f'one of {FAD_EMBEDDERS} or an object with clip_outputs(wavs)')
+    elif hasattr(entry, 'clip_outputs'):
+      name, embedder = embedder_name(entry), entry
+    else:
+      raise EvalError(f'evaluate_pipeline.fad_embedders: {entry!r} ({type(entry).__name__}) is '
+                      f'neither a name from {FAD_EMBEDDERS} nor an embedder (clip_outputs)')
+    if any(name == n for n, _ in out):
+      raise EvalError(f'evaluate_pipeline.fad_embedders names {name!r} twice')
+    out.append((name, embedder))
+  return out
+
+
+def fad_summary(section: Mapping[str, Any], dim: Optional[int] = None) -> dict[str, Any]:
+  """One embedder's `fad_section` as a table row: each system's FAD, all clips', FAD-inf."""
+  if 'skipped' in section:
+    return {'skipped': section['skipped']}
+  row: dict[str, Any] = {} if dim is None else {'dim': int(dim)}
+  row.update({k: v for k, v in section.items() if isinstance(v, float)})
+  row['generated_all_clips'] = section['generated_all_clips']['fad']
+  if 'generated' in section.get('fad_inf', {}):
+    row['fad_inf'] = section['fad_inf']['generated']
+  return row
+
+
+def training_curves(record: Mapping[str, Any], parts: Sequence[str] = CURVE_PARTS,
+                    metrics: Sequence[str] = CURVE_METRICS) -> dict[str, Any]:
+  """The eval scalars of each part's source run over its checkpoints (module docstring).
+
+  Args:
+    record: pipeline.json (its 'sources': {part: the run folder it came from}).
+    parts: the parts to read.
+    metrics: the scalar tags to read from RUN/eval/ (the trainer's 'eval/...' scalars).
+
+  Returns:
+    {part: {tag: [(step, value), ...]}, or a string saying why the part has no curves}.
+  """
+  from musiclm_jax.evaluation import report  # pylint: disable=g-import-not-at-top
+  sources = record.get('sources') or {}
+  out: dict[str, Any] = {}
+  for part in parts:
+    source = sources.get(part)
+    if not source:
+      out[part] = 'pipeline.json records no source run for this part'
+      continue
+    eval_dir = os.path.join(source, 'eval')
+    if not os.path.isdir(source):
+      out[part] = (f'its source run {source} is missing (moved, or the pipeline was assembled '
+                   'on another machine)')
+    elif not os.path.isdir(eval_dir):
+      out[part] = (f'its source {source} has no eval/ folder of TensorBoard events (not a '
+                   'training run, or trained without an eval split)')
+    else:
+      curves = report.read_scalar_curves(eval_dir, tags=metrics)
+      out[part] = curves or f'no {", ".join(metrics)} scalars in {eval_dir}'
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
 # The evaluation.
 
 
@@ -594,8 +731,10 @@ def evaluate_pipeline(pipeline_dir: str = gin.REQUIRED,
                       top_k: Any = None,
                       mesh_shape: Any = None,
                       progress: bool = True,
+                      fad_embedders: Any = ('musicnn',),
                       embedder: Any = None,
-                      classifier: Any = None) -> dict[str, Any]:
+                      classifier: Any = None,
+                      training_curves_parts: Sequence[str] = CURVE_PARTS) -> dict[str, Any]:
   """Scores a pipeline folder over a corpus split and writes the report (module docstring).
 
   Args:
@@ -607,8 +746,8 @@ def evaluate_pipeline(pipeline_dir: str = gin.REQUIRED,
     data_dir: TFDS data directory (default ~/tensorflow_datasets).
     max_examples: score only the first this-many clips (None: all).
     seconds: seconds generated per caption and cut from each real clip (default: the shortest
-      clip), rounded down to whole 40 ms units; at least 3 s (one musicnn patch) with the
-      default embedder.
+      clip), rounded down to whole 40 ms units; at least 3 s (one musicnn patch) when
+      `fad_embedders` names musicnn without an `embedder` for it.
     classifier_dir: the fitted attribute classifier (attributes.AttributeClassifier); None or
       a missing folder: the attribute scores are skipped, with the reason in the metrics.
     batch_size: captions per generate call (and clips per model call).
@@ -620,10 +759,16 @@ def evaluate_pipeline(pipeline_dir: str = gin.REQUIRED,
       default pipeline.json's.
     mesh_shape: sample the stage LMs on a device mesh (`Pipeline.load`), e.g. 'auto'.
     progress: progress bars (stderr).
-    embedder: the FAD/KLD embedder (default musicnn MTT 'penultimate'): anything with
-      `clip_outputs(wavs)` returning `.embeddings` [n, d] and `.tags` [n, tags] probabilities,
-      as `MusicnnEmbedder` does.
+    fad_embedders: the FAD embedders, the first the headline (module docstring): names from
+      FAD_EMBEDDERS ('musicnn'; 'mulan': the pipeline's MuLan audio tower; 'vggish', 'trill':
+      local SavedModels, folders bound by `vggish_embedder.saved_model_dir` /
+      `trill_embedder.saved_model_dir`) or embedder objects.
+    embedder: what 'musicnn' names in `fad_embedders` (default musicnn MTT 'penultimate'):
+      anything with `clip_outputs(wavs)` returning `.embeddings` [n, d] and `.tags` [n, tags]
+      probabilities (or None: no KLD from it), as `MusicnnEmbedder` does.
     classifier: an attribute classifier to use instead of loading `classifier_dir`.
+    training_curves_parts: the pipeline parts whose source runs' eval curves the report plots
+      (empty: none).
 
   Returns:
     The metrics (also in out_dir/metrics.json).
@@ -665,7 +810,10 @@ def evaluate_pipeline(pipeline_dir: str = gin.REQUIRED,
       raise EvalError(f'seconds={seconds}: the shortest clip of {dataset}/{split} lasts '
                       f'{shortest / SAMPLE_RATE:g} s')
   from musiclm_jax.evaluation import musicnn  # pylint: disable=g-import-not-at-top
-  if embedder is None and samples < musicnn.min_input_samples(SAMPLE_RATE):
+  names_musicnn = any(isinstance(e, str) and e.strip().lower() == 'musicnn'
+                      for e in _entries(fad_embedders))
+  if (names_musicnn and embedder is None
+      and samples < musicnn.min_input_samples(SAMPLE_RATE)):
     raise EvalError(f'seconds={samples / SAMPLE_RATE:g}: musicnn (FAD, KLD) needs clips of at '
                     f'least {musicnn.min_input_samples(SAMPLE_RATE) / SAMPLE_RATE:.2f} s')
   seconds = samples / SAMPLE_RATE
@@ -676,8 +824,9 @@ def evaluate_pipeline(pipeline_dir: str = gin.REQUIRED,
   sampling = {k: v for k, v in (('guidance_scale', guidance_scale),
                                 ('temperatures', temperatures), ('top_k', top_k))
               if v is not None}
-  if embedder is None:
-    embedder = musicnn.default_embedder()
+  fad_embedder_list = resolve_fad_embedders(fad_embedders, pipeline=pipeline,
+                                            musicnn_embedder=embedder, batch_size=batch_size)
+  headline_name, embedder = fad_embedder_list[0]
   if classifier is None:
     classifier, classifier_skipped = _load_classifier(classifier_dir)
   else:
@@ -701,6 +850,14 @@ def evaluate_pipeline(pipeline_dir: str = gin.REQUIRED,
     diagnostics_out['codec_resynthesis'] = {
         'levels': int(codec.shape[2]), **mel_distance_and_snr(real, resynthesis, batch_size)}
     t = lap('codec_resynthesis', t)
+    if opus.available():
+      # The codec's baseline at the tiny codec's bitrate, on the same clips.
+      audio['opus_6kbps'] = np.stack([opus.roundtrip(c, SAMPLE_RATE, 6.0) for c in real])
+      diagnostics_out['opus_6kbps'] = mel_distance_and_snr(real, audio['opus_6kbps'], batch_size)
+      t = lap('opus', t)
+    else:
+      diagnostics_out['opus_6kbps'] = {'skipped': 'opusenc / opusdec not installed (Debian '
+                                                  'opus-tools)'}
     coarse = pipeline.stages['coarse'].spec.target
     coarse_codes = codec[..., coarse.first_level:coarse.first_level + coarse.num_levels]
     audio['ground_truth_semantic'] = generate_audio(
@@ -717,29 +874,46 @@ def evaluate_pipeline(pipeline_dir: str = gin.REQUIRED,
         progress=progress)
     t = lap('teacher_forced', t)
 
-  # ---- FAD and KLD (musicnn), MCC (MuLan), attributes
-  outputs = {name: embedder.clip_outputs(list(wavs)) for name, wavs in audio.items()}
-  t = lap('musicnn', t)
+  # ---- FAD and KLD (musicnn or fad_embedders), MCC (MuLan), attributes
   anchored = count >= 4  # FAD needs two halves of at least 2 clips
   systems: dict[str, dict[str, Any]] = {
       name: {} for name in SYSTEMS
       if name in audio or (anchored and name in ('noise', 'silence'))}
-  fad = fad_section({name: outputs[name].embeddings for name in audio}, embedder, real,
-                    seed=seed, fad_inf_min_clips=fad_inf_min_clips)
-  for name in systems:
-    value = fad.get('real_halves_floor' if name == 'real' else name)
-    if isinstance(value, float):
-      systems[name]['fad'] = value
-  metrics['fad'] = fad
+  all_outputs: dict[str, dict[str, Any]] = {}
+  fad_by_embedder: dict[str, Any] = {}
+  for index, (ename, e) in enumerate(fad_embedder_list):
+    outputs = {name: e.clip_outputs(list(wavs)) for name, wavs in audio.items()}
+    all_outputs[ename] = outputs
+    fad = fad_section({name: outputs[name].embeddings for name in audio}, e, real,
+                      seed=seed, fad_inf_min_clips=fad_inf_min_clips)
+    column = 'fad' if index == 0 else f'fad_{ename}'
+    for name in systems:
+      value = fad.get('real_halves_floor' if name == 'real' else name)
+      if isinstance(value, float):
+        systems[name][column] = value
+    if index == 0:
+      metrics['fad'] = fad
+    fad_by_embedder[ename] = fad_summary(fad, np.shape(outputs['real'].embeddings)[1])
+    t = lap('musicnn' if ename == 'musicnn' else f'embed_{ename}', t)
+  if len(fad_embedder_list) > 1:
+    metrics['fad_by_embedder'] = fad_by_embedder
 
-  real_tags = outputs['real'].tags
-  kld_out = {name: kld.kl_divergence(real_tags, outputs[name].tags)
-             for name in audio if name != 'real'}
-  for name, value in kld_out.items():
-    systems[name]['kld'] = value
-  # A reference scale: real music of other captions (KLD of a real clip to itself is 0).
-  kld_out['real_other_clips'] = kld.kl_divergence(real_tags, real_tags[shuffle])
-  metrics['kld'] = kld_out
+  # KLD: tag posteriors of the first embedder that has a classifier.
+  no_tags = [n for n, _ in fad_embedder_list if all_outputs[n]['real'].tags is None]
+  tagger = next((n for n, _ in fad_embedder_list if n not in no_tags), None)
+  if tagger is None:
+    metrics['kld'] = {'skipped': f'none of fad_embedders ({", ".join(no_tags)}) gives tag '
+                                 'posteriors (no classifier); add musicnn for KLD'}
+  else:
+    outputs = all_outputs[tagger]
+    real_tags = outputs['real'].tags
+    kld_out = {name: kld.kl_divergence(real_tags, outputs[name].tags)
+               for name in audio if name != 'real'}
+    for name, value in kld_out.items():
+      systems[name]['kld'] = value
+    # A reference scale: real music of other captions (KLD of a real clip to itself is 0).
+    kld_out['real_other_clips'] = kld.kl_divergence(real_tags, real_tags[shuffle])
+    metrics['kld'] = kld_out
 
   text_emb = _in_batches(pipeline.mulan.embed_text, captions, batch_size)
   mcc = {}
@@ -768,6 +942,8 @@ def evaluate_pipeline(pipeline_dir: str = gin.REQUIRED,
   if 'codec_resynthesis' in audio:
     systems['codec_resynthesis']['mel_distance'] = (
         diagnostics_out['codec_resynthesis']['mel_distance'])
+  if 'opus_6kbps' in audio:
+    systems['opus_6kbps']['mel_distance'] = diagnostics_out['opus_6kbps']['mel_distance']
 
   metrics['melody'] = melody_section(pipeline, clips, evaluated, audio['generated'], samples,
                                      max_clips=melody_clips, seed=seed, sampling=sampling,
@@ -786,7 +962,9 @@ def evaluate_pipeline(pipeline_dir: str = gin.REQUIRED,
       'sampling_overrides': sampling,
       'embedder': f'{getattr(embedder, "model", type(embedder).__name__)} '
                   f'{getattr(embedder, "feature", "")}'.strip(),
-      'kld': 'softmax over the musicnn tag logits, KL(real || system)',
+      'fad_embedders': [n for n, _ in fad_embedder_list],
+      'kld': (f'softmax over the {tagger} tag logits, KL(real || system)' if tagger
+              else 'skipped'),
       'classifier_dir': classifier_dir,
       'attribute_classes': ({a: ', '.join(c) for a, c in classifier.classes.items()}
                             if classifier is not None else None),
@@ -808,17 +986,27 @@ def evaluate_pipeline(pipeline_dir: str = gin.REQUIRED,
       '(fine generated) -> ground-truth semantic (coarse + fine generated) -> generated (all '
       'stages); the step where the scores fall shows the stage that loses the quality.',
   ]
-  for section in ('attributes', 'melody', 'diagnostics'):
+  for section in ('kld', 'attributes', 'melody', 'diagnostics'):
     if isinstance(metrics[section], Mapping) and 'skipped' in metrics[section]:
       notes.append(f'{section}: skipped ({metrics[section]["skipped"]}).')
+  fad = metrics['fad']
   if isinstance(fad.get('fad_inf'), Mapping) and 'skipped' in fad['fad_inf']:
     notes.append(f'FAD-inf: skipped ({fad["fad_inf"]["skipped"]}).')
+  if len(fad_embedder_list) > 1:
+    notes.append(f'FAD embedders: {", ".join(n for n, _ in fad_embedder_list)}; the first '
+                 f'({headline_name}) gives the systems table\'s fad column, each other one a '
+                 'fad_NAME column; fad_by_embedder has them all side by side.')
+  if tagger is not None and no_tags:
+    notes.append(f'KLD: from {tagger}\'s tag posteriors; {", ".join(no_tags)} give no tag '
+                 'posteriors (no classifier), so no KLD of theirs.')
+  # Each part's curves, or why it has none (report.md's training-curves section says which).
+  curves = training_curves(pipeline.record, parts=training_curves_parts)
   os.makedirs(out_dir, exist_ok=True)
   path = report.write_report(
       out_dir, metrics,
       title=f'Pipeline evaluation: {os.path.basename(os.path.abspath(pipeline_dir))} on '
             f'{dataset} {split}',
-      confusions=confusions, notes=notes)
+      confusions=confusions, notes=notes, training_curves=curves)
   logger.info('evaluate_pipeline: wrote %s', path)
   print(f'evaluate_pipeline: wrote {path}')
   return metrics

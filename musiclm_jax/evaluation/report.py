@@ -2,19 +2,26 @@
 
   path = write_report('runs/eval/report', metrics, title='Text adherence', step=20000,
                       confusions={'tempo': (matrix, ['slow', 'medium', 'fast'])},
-                      history={'adherence/accuracy/tempo': [(10000, 0.41), (20000, 0.55)]})
+                      history={'adherence/accuracy/tempo': [(10000, 0.41), (20000, 0.55)]},
+                      training_curves={'semantic_stage': read_scalar_curves(
+                                           'runs/semantic_stage/eval'),
+                                       'fine_stage': 'its source run is missing'})
 
 writes into out_dir:
   metrics.json       `metrics` exactly as given (numpy scalars and arrays made plain JSON; NaN
                      and inf are written as Python's json writes them: NaN, Infinity);
   history.json       `history` as {name: [[step, value], ...]} (when given), so that the next
                      call can extend it;
+  training_curves.json  `training_curves` as {run: {tag: [[step, value], ...]} or the reason
+                     it has none} (when given);
   report.md          the title, step and notes, Markdown tables of the metrics, the history,
-                     and links to the plots;
+                     the training curves (a table per run, or why it is skipped), and links to
+                     the plots;
   plots/*.png        one confusion matrix per attribute (rows: true class, normalised per row,
-                     counts written in the cells when there are few classes) and one line plot
+                     counts written in the cells when there are few classes), one line plot
                      per group of history metrics (names sharing all but their last '/' part
-                     share a plot);
+                     share a plot), and one plot per run of training curves (a panel per kind
+                     of metric: 'eval/loss' and 'eval/loss_unconditional' share the loss panel);
   tensorboard/       event files: every numeric leaf of `metrics` as a scalar named by its path
                      ('real_audio/tempo/accuracy') at `step` (0 when None), and the confusion
                      plots as images (musiclm_jax/train/summaries.SummaryWriter). Calls with the
@@ -30,12 +37,13 @@ import json
 import math
 import os
 import re
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 METRICS_NAME = 'metrics.json'
 HISTORY_NAME = 'history.json'
+CURVES_NAME = 'training_curves.json'
 REPORT_NAME = 'report.md'
 PLOTS_DIR = 'plots'
 TENSORBOARD_DIR = 'tensorboard'
@@ -44,6 +52,8 @@ ANNOTATE_MAX_CLASSES = 16
 
 Confusion = tuple[Any, Sequence[str]]
 History = Mapping[str, Sequence[tuple[float, float]]]
+# {run: {tag: [(step, value), ...]} or a string: why the run has no curves}.
+TrainingCurves = Mapping[str, Union[History, str]]
 
 
 def to_json(value: Any, where: str = 'metrics') -> Any:
@@ -278,6 +288,115 @@ def plot_history(path: str, group: str, series: Mapping[str, Sequence[tuple[floa
   return _save_png(figure, path)
 
 
+def _steps_table(series: Mapping[str, Sequence[tuple[float, float]]], prefix: str = ''
+                 ) -> list[str]:
+  """A Markdown table with a row per step and a column per series (names less `prefix`)."""
+  names = list(series)
+  steps = sorted({s for n in names for s, _ in series[n]})
+  short = [n[len(prefix):] if prefix and n.startswith(prefix) else n for n in names]
+  lines = ['| step | ' + ' | '.join(format_value(s) for s in short) + ' |',
+           '|---:|' + '---:|' * len(names)]
+  for s in steps:
+    values = [dict(series[n]).get(s) for n in names]
+    lines.append(f'| {format_value(int(s) if float(s).is_integer() else s)} | ' + ' | '.join(
+        '' if v is None else format_value(v) for v in values) + ' |')
+  return lines
+
+
+def _curve_label(name: str) -> str:
+  return name[len('eval/'):] if name.startswith('eval/') else name
+
+
+def curve_panels(names: Sequence[str]) -> dict[str, list[str]]:
+  """Training-curve tags grouped into panels by kind: the name less 'eval/', up to '/' or '_'.
+
+  'eval/loss', 'eval/loss_unconditional' and 'eval/loss/level_1' share the 'loss' panel;
+  'eval/accuracy' is in 'accuracy'.
+  """
+  panels: dict[str, list[str]] = {}
+  for name in names:
+    kind = re.split(r'[/_]', _curve_label(name), maxsplit=1)[0] or name
+    panels.setdefault(kind, []).append(name)
+  return panels
+
+
+def plot_training_curves(path: str, run: str,
+                         series: Mapping[str, Sequence[tuple[float, float]]]) -> np.ndarray:
+  """A run's scalars over training steps, a panel per kind (`curve_panels`); returns pixels."""
+  panels = curve_panels(list(series))
+  figure = _figure(4.0 * len(panels) + 1.0, 3.6)
+  for i, (kind, names) in enumerate(panels.items()):
+    axis = figure.add_subplot(1, len(panels), i + 1)
+    for name in names:
+      if not series[name]:
+        continue
+      steps, values = zip(*series[name])
+      axis.plot(steps, values, marker='o', markersize=3,
+                linestyle='--' if name.endswith('_unconditional') else '-',
+                label=_curve_label(name))
+    axis.set_xlabel('training step')
+    axis.set_title(kind, fontsize=10)
+    axis.grid(alpha=0.3)
+    if len(names) > 1:
+      axis.legend(fontsize=7)
+  figure.suptitle(f'{run}: eval metrics over checkpoints', fontsize=10)
+  figure.tight_layout()
+  return _save_png(figure, path)
+
+
+def read_scalar_curves(logdir: str, tags: Optional[Sequence[str]] = None
+                       ) -> dict[str, list[tuple[float, float]]]:
+  """{tag: [(step, value), ...] by step} of the scalars in the event files of `logdir`.
+
+  Reads TF2 scalar summaries (0-d tensors, as `summaries.SummaryWriter` writes) and TF1
+  simple values. A step written twice (a checkpoint evaluated again, or reached again after a
+  restart) keeps the value read last (files in name order, i.e. by creation time); nothing is
+  purged for being out of order, so evaluating an older checkpoint later does not cut the
+  curve.
+
+  Args:
+    logdir: a folder of event files (a training run's eval/ folder).
+    tags: the tags to keep, in this order (None: every scalar tag, sorted).
+
+  Returns:
+    The curves found (a tag without events is left out; {} when the folder has none).
+  """
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
+  accumulator = event_accumulator.EventAccumulator(
+      logdir, size_guidance={event_accumulator.TENSORS: 0, event_accumulator.SCALARS: 0,
+                             event_accumulator.IMAGES: 1, event_accumulator.AUDIO: 1},
+      purge_orphaned_data=False)
+  accumulator.Reload()
+  found = accumulator.Tags()
+  curves: dict[str, dict[float, float]] = {}
+  for tag in found.get(event_accumulator.TENSORS, []):
+    for event in accumulator.Tensors(tag):
+      value = tensor_util.make_ndarray(event.tensor_proto)
+      if value.ndim == 0 and np.issubdtype(value.dtype, np.number):
+        curves.setdefault(tag, {})[float(event.step)] = float(value)
+  for tag in found.get(event_accumulator.SCALARS, []):
+    for event in accumulator.Scalars(tag):
+      curves.setdefault(tag, {})[float(event.step)] = float(event.value)
+  order = sorted(curves) if tags is None else [t for t in tags if t in curves]
+  return {t: sorted(curves[t].items()) for t in order}
+
+
+def check_training_curves(curves: TrainingCurves) -> dict[str, Union[dict, str]]:
+  """{run: checked {tag: [(step, value)]} or its reason}; an empty run is a ValueError."""
+  out: dict[str, Union[dict, str]] = {}
+  for run, value in curves.items():
+    if isinstance(value, str):
+      out[run] = value
+    elif isinstance(value, Mapping) and value:
+      out[run] = check_history({f'{run}/{k}': v for k, v in value.items()})
+      out[run] = {k[len(run) + 1:]: v for k, v in out[run].items()}
+    else:
+      raise ValueError(f'training_curves[{run!r}]: expected {{tag: [(step, value), ...]}} or '
+                       f'a string saying why there are none, got {value!r}')
+  return out
+
+
 # TensorBoard.
 
 
@@ -298,6 +417,7 @@ def write_report(out_dir: str, metrics: Mapping[str, Any], *, title: str,
                  step: Optional[int] = None,
                  confusions: Optional[Mapping[str, Confusion]] = None,
                  history: Optional[History] = None, notes: Optional[Sequence[str]] = None,
+                 training_curves: Optional[TrainingCurves] = None,
                  tensorboard: bool = True) -> str:
   """Writes an evaluation report into out_dir (see the module docstring).
 
@@ -309,6 +429,9 @@ def write_report(out_dir: str, metrics: Mapping[str, Any], *, title: str,
     confusions: {attribute: (C x C counts, rows true / columns predicted, C class names)}.
     history: {metric name: [(step, value), ...]} over checkpoints, for line plots.
     notes: lines written under the title (what was evaluated, caveats).
+    training_curves: {run (e.g. a pipeline part): {tag: [(step, value), ...]} (e.g.
+      `read_scalar_curves` of the run's eval/ folder), or a string saying why it has none}:
+      a plot and a table per run, or the reason.
     tensorboard: also write TensorBoard scalars and images.
 
   Returns:
@@ -322,11 +445,17 @@ def write_report(out_dir: str, metrics: Mapping[str, Any], *, title: str,
   checked_confusions = {name: (check_confusion(name, matrix, names), list(names))
                         for name, (matrix, names) in (confusions or {}).items()}
   checked_history = check_history(history or {})
+  checked_curves = check_training_curves(training_curves or {})
   os.makedirs(out_dir, exist_ok=True)
   write_json_atomically(os.path.join(out_dir, METRICS_NAME), plain)
   if history is not None:
     write_json_atomically(os.path.join(out_dir, HISTORY_NAME),
                           {k: [list(p) for p in v] for k, v in checked_history.items()})
+  if training_curves is not None:
+    write_json_atomically(os.path.join(out_dir, CURVES_NAME), {
+        run: v if isinstance(v, str) else {k: [list(p) for p in points]
+                                           for k, points in v.items()}
+        for run, v in checked_curves.items()})
 
   lines = [f'# {title}', '']
   if step is not None:
@@ -355,15 +484,22 @@ def write_report(out_dir: str, metrics: Mapping[str, Any], *, title: str,
       plot_history(os.path.join(out_dir, relative), group,
                    {n: checked_history[n] for n in names})
       lines += [f'### {group}', '', f'![{group}]({relative})', '']
-      steps = sorted({s for n in names for s, _ in checked_history[n]})
-      short = [n[len(group) + 1:] if n.startswith(group + '/') else n for n in names]
-      lines += ['| step | ' + ' | '.join(format_value(s) for s in short) + ' |',
-                '|---:|' + '---:|' * len(names)]
-      for s in steps:
-        values = [dict(checked_history[n]).get(s) for n in names]
-        lines.append(f'| {format_value(int(s) if float(s).is_integer() else s)} | ' + ' | '.join(
-            '' if v is None else format_value(v) for v in values) + ' |')
+      lines += _steps_table({n: checked_history[n] for n in names}, prefix=group + '/')
       lines.append('')
+  if checked_curves:
+    lines += ['## Training curves', '',
+              'Eval metrics of each run at its evaluated checkpoints (the scalars its training '
+              f'wrote to TensorBoard; also in {CURVES_NAME}).', '']
+    for run, curves in checked_curves.items():
+      lines += [f'### {run}', '']
+      if isinstance(curves, str):
+        lines += [f'Skipped: {curves}.', '']
+        continue
+      relative = f'{PLOTS_DIR}/training_{_safe_name(run)}.png'
+      images[f'training_curves/{run}'] = plot_training_curves(os.path.join(out_dir, relative),
+                                                              run, curves)
+      lines += [f'![{run} training curves]({relative})', '']
+      lines += _steps_table(curves, prefix='eval/') + ['']
 
   if tensorboard:
     from musiclm_jax.train import summaries  # pylint: disable=g-import-not-at-top

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from musiclm_jax import main
+from musiclm_jax.audio import opus
 from musiclm_jax.evaluation import pipeline_eval
+from musiclm_jax.evaluation.embedders import EmbedderOutputs
 from tests.generate import tiny_pipeline as builder
 
 RATE = 24000
@@ -197,7 +199,15 @@ def test_evaluate_pipeline_writes_every_section(tiny_pipeline, tiny_corpus_dir, 
   assert 'loss_text_conditioned' in diagnostics['teacher_forced']['semantic']
   assert 'loss_text_conditioned' not in diagnostics['teacher_forced']['fine']
   assert list(saved)[0] == 'systems'  # the report opens with the quality ladder
-  assert list(saved['systems']) == list(pipeline_eval.SYSTEMS)
+  with_opus = opus.available()
+  assert list(saved['systems']) == [s for s in pipeline_eval.SYSTEMS
+                                    if s != 'opus_6kbps' or with_opus]
+  if with_opus:  # the codec's baseline on the same clips
+    assert diagnostics['opus_6kbps']['mel_distance'] > 0
+    assert saved['systems']['opus_6kbps']['mel_distance'] == diagnostics['opus_6kbps'][
+        'mel_distance']
+  else:
+    assert 'opus-tools' in diagnostics['opus_6kbps']['skipped']
   for row in ('codec_resynthesis', 'ground_truth_semantic_coarse', 'ground_truth_semantic',
               'generated', 'shuffled_captions'):
     assert {'fad', 'kld', 'mcc', 'attribute_balanced_accuracy', 'mel_distance'} <= set(
@@ -229,6 +239,46 @@ def test_melody_section_says_why_it_is_skipped(pipeline):
   result = pipeline_eval.melody_section(pipeline, clips, clips, np.zeros((1, RATE)), RATE,
                                         max_clips=1, seed=0, sampling={})
   assert 'no hummed or whistled clip' in result['skipped']
+
+
+# ------------------------------------------------------------------ FAD embedders, training curves
+
+
+class LoudnessEmbedder:
+  """An embedder without a tag classifier: frame loudness statistics (no KLD from it)."""
+  name = 'loudness'
+
+  def clip_outputs(self, wavs):
+    x = np.stack([np.asarray(w, np.float64) for w in wavs])
+    frames = x[:, :x.shape[1] // 8 * 8].reshape(len(x), 8, -1)
+    emb = np.log(np.sqrt(np.mean(frames ** 2, axis=-1)) + 1e-4)
+    return EmbedderOutputs(embeddings=emb, tags=None, num_frames=np.full(len(x), 8))
+
+
+def test_evaluate_pipeline_scores_fad_per_embedder_and_reports_training_curves(
+    tiny_pipeline, tiny_corpus_dir, tmp_path):
+  folder, parts = tiny_pipeline
+  out = tmp_path / 'eval'
+  metrics = pipeline_eval.evaluate_pipeline(
+      folder, str(out), dataset='embedded_music/tiny', split='train', data_dir=tiny_corpus_dir,
+      max_examples=4, seconds=1.0, batch_size=4, melody_clips=0, diagnostics=False,
+      classifier_dir=None, progress=False, fad_embedders=[LoudnessEmbedder(), 'mulan'])
+  assert metrics['setup']['fad_embedders'] == ['loudness', 'mulan']
+  table = metrics['fad_by_embedder']
+  assert list(table) == ['loudness', 'mulan'] and table['mulan']['dim'] == 8
+  for name in ('real_halves_floor', 'generated', 'noise', 'silence', 'generated_all_clips'):
+    assert table['mulan'][name] >= 0 and table['loudness'][name] >= 0, name
+  assert metrics['fad']['generated'] == table['loudness']['generated']  # the first: headline
+  generated = metrics['systems']['generated']
+  assert generated['fad'] == table['loudness']['generated']
+  assert generated['fad_mulan'] == table['mulan']['generated'] and 'kld' not in generated
+  assert 'none of fad_embedders (loudness, mulan) gives tag posteriors' in (
+      metrics['kld']['skipped'])
+  text = (out / 'report.md').read_text()
+  assert '### fad_by_embedder' in text and '- kld: skipped (none of fad_embedders' in text
+  assert '## Training curves' in text
+  assert f'Skipped: its source {parts["semantic_stage_dir"]} has no eval/ folder' in text
+  assert (out / 'training_curves.json').exists()
 
 
 # ------------------------------------------------------------------ the command

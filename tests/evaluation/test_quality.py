@@ -1,0 +1,54 @@
+"""The quality table: an eval's metrics.json against the tiny pipeline's targets."""
+import copy
+import json
+
+from musiclm_jax.evaluation import quality
+
+METRICS = {
+    'attributes': {'balanced_accuracy': {
+        'real_ceiling': {'instrument': 0.8, 'tempo': 1.0},
+        'generated': {'instrument': 0.6, 'tempo': 0.8},       # mean 0.7 = 78% of 0.9
+        'shuffled_floor': {'instrument': 0.1, 'tempo': 0.4}}},  # mean 0.25
+    'fad': {'generated': 40.0, 'real_halves_floor': 15.0, 'codec_resynthesis': 30.0},
+    'systems': {'codec_resynthesis': {'mel_distance': 0.5}, 'opus_6kbps': {'mel_distance': 0.6}},
+    'melody': {'with_melody': 0.4, 'text_only': 0.2},
+    'setup': {'pipeline_dir': 'p', 'dataset': 'd', 'split': 'test', 'clips': 4, 'seconds': 3},
+}
+
+
+def test_every_target_met_and_each_one_missed():
+  assert [r['met'] for r in quality.quality_rows(METRICS)] == [True] * 4
+  misses = {
+      0: lambda m: m['attributes']['balanced_accuracy']['generated'].update(instrument=0.3),
+      1: lambda m: m['fad'].update(generated=46.0),
+      2: lambda m: m['systems']['opus_6kbps'].update(mel_distance=0.45),
+      3: lambda m: m['melody'].update(with_melody=0.1),
+  }
+  for index, spoil in misses.items():
+    metrics = copy.deepcopy(METRICS)
+    spoil(metrics)
+    met = [r['met'] for r in quality.quality_rows(metrics)]
+    assert met == [i != index for i in range(4)], index
+
+
+def test_attributes_need_a_margin_over_the_floor_too():
+  metrics = copy.deepcopy(METRICS)
+  balanced = metrics['attributes']['balanced_accuracy']
+  balanced['real_ceiling'] = {'a': 0.3}
+  balanced['shuffled_floor'] = {'a': 0.25}
+  balanced['generated'] = {'a': 0.3}  # 100% of the ceiling, but only 0.05 over the floor
+  assert not quality.quality_rows(metrics)[0]['met']
+
+
+def test_missing_sections_are_not_met_and_say_why(tmp_path, capsys):
+  metrics = {'melody': {'skipped': 'no melody conditioner'},
+             'systems': {'codec_resynthesis': {'mel_distance': 0.5}}}
+  rows = quality.quality_rows(metrics)
+  assert [r['met'] for r in rows] == [False] * 4
+  assert 'Opus not measured' in rows[2]['measured']
+  assert 'skipped: no melody conditioner' in rows[3]['measured']
+  (tmp_path / 'metrics.json').write_text(json.dumps(METRICS))
+  assert quality.main([str(tmp_path), '--out', str(tmp_path / 'q.md')]) == 0
+  out = capsys.readouterr().out
+  assert '4 of 4 targets met.' in out and out == (tmp_path / 'q.md').read_text() + '\n'
+  assert quality.main([str(tmp_path / 'nowhere')]) == 2
