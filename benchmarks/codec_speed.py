@@ -41,6 +41,30 @@ def gflops(jitted, *args) -> float:
   return float(cost.get('flops', float('nan'))) / 1e9
 
 
+def measure(channels: int, seconds: float = 10.0, repeats: int = 3) -> dict:
+  """Encode and decode times of one `seconds`-long clip with `SoundStream(channels=...)`.
+
+  Returns a dict: params (encoder and decoder), encode_s and decode_s (medians over `repeats`
+  jitted calls after a warm-up call), encode_gflop and decode_gflop (XLA's counts).
+  """
+  model = SoundStream(channels=channels)
+  samples = int(seconds * model.sample_rate)
+  audio = jnp.asarray(np.random.default_rng(0).standard_normal((1, samples)) * 0.1,
+                      jnp.float32)
+  variables = jax.jit(lambda a: model.init({'params': jax.random.key(0)}, a[:, :4800],
+                                           train=False))(audio)
+  encode = jax.jit(lambda v, a: model.apply(v, a, method=SoundStream.encode))
+  decode = jax.jit(lambda v, c: model.apply(v, c, method=SoundStream.decode))
+  codes = encode(variables, audio)
+  return {
+      'params': count_params(variables['params']),
+      'encode_s': median_s(encode, variables, audio, repeats=repeats),
+      'decode_s': median_s(decode, variables, codes, repeats=repeats),
+      'encode_gflop': gflops(encode, variables, audio),
+      'decode_gflop': gflops(decode, variables, codes),
+  }
+
+
 def main_():
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument('--repeats', type=int, default=3)
@@ -49,19 +73,9 @@ def main_():
   args = parser.parse_args()
   rows = []
   for channels in args.channels:
-    model = SoundStream(channels=channels)
-    samples = int(args.seconds * model.sample_rate)
-    audio = jnp.asarray(np.random.default_rng(0).standard_normal((1, samples)) * 0.1,
-                        jnp.float32)
-    variables = jax.jit(lambda a, m=model: m.init({'params': jax.random.key(0)}, a[:, :4800],
-                                                  train=False))(audio)
-    encode = jax.jit(lambda v, a, m=model: m.apply(v, a, method=SoundStream.encode))
-    decode = jax.jit(lambda v, c, m=model: m.apply(v, c, method=SoundStream.decode))
-    codes = encode(variables, audio)
-    enc_s = median_s(encode, variables, audio, repeats=args.repeats)
-    dec_s = median_s(decode, variables, codes, repeats=args.repeats)
-    rows.append((f'channels={channels}', count_params(variables['params']),
-                 gflops(encode, variables, audio), enc_s, gflops(decode, variables, codes), dec_s))
+    m = measure(channels, args.seconds, args.repeats)
+    rows.append((f'channels={channels}', m['params'], m['encode_gflop'], m['encode_s'],
+                 m['decode_gflop'], m['decode_s']))
   print(f'SoundStream, {args.seconds:g} s at 24 kHz, 12 x 1024 RVQ (6 kbps), batch 1; '
         f'{jax.devices()[0].platform}, {os.cpu_count()} CPU cores, {jax.device_count()} devices')
   print(f'{"config":<14} {"params":>7} | {"enc GFLOP":>9} {"enc s":>6} {"x realtime":>10} | '

@@ -78,6 +78,34 @@ def time_s(fn, repeats: int) -> tuple[float, float]:
   return first, float(np.median(times))
 
 
+def measure(config: str | transformer.TransformerConfig = 'anchor', length: int = 500,
+            repeats: int = 3, batch: int = 1, strategy: str = 'now',
+            temperature: float = 1.0, top_k: int | None = 50,
+            steps_per_call: int | None = None) -> dict:
+  """KV-cache sampling speed of one setting, as a row of the table `main_` prints.
+
+  Decodes `length` tokens after a PROMPT_LENGTH-token prompt with `generate.decode` (random
+  weights) of a Decoder of `config` (a name in CONFIGS or a TransformerConfig); returns a dict
+  with params, first_s (the warm-up call, compilation included), seconds (median of `repeats`
+  further calls) and tokens_per_s = length / seconds.
+  """
+  if isinstance(config, str):
+    config = CONFIGS[config]
+  model = transformer.Decoder(config)
+  prompt = jax.random.randint(jax.random.key(1), (batch, PROMPT_LENGTH), 1, config.vocab_size)
+  params = jax.jit(model.init)(jax.random.key(0), prompt)['params']
+  settings = dict(temperature=temperature)
+  if temperature > 0 and top_k:
+    settings['top_k'] = top_k
+  if steps_per_call:
+    settings['steps_per_call'] = steps_per_call
+  run = lambda: generate.decode(model, params, prompt, length, jax.random.key(2), **settings)
+  with cache_strategy(strategy):
+    first, seconds = time_s(run, repeats)
+  return {'params': count_params(params), 'first_s': first, 'seconds': seconds,
+          'tokens_per_s': length / seconds}
+
+
 def main_():
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
