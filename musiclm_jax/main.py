@@ -29,6 +29,7 @@ Flags (each may repeat):
   --module_import=MODULE       import a module first (registers SeqIO tasks or gin configurables)
 Multi-host (one command per host):
   --coordinator_address=HOST:PORT --num_processes=N --process_id=I
+  --coordinator_address=auto   (TPU pods, SLURM, Open MPI: jax.distributed.initialize() finds them)
 """
 from __future__ import annotations
 
@@ -107,6 +108,27 @@ def parse_flags(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                       help='Python log level (default: INFO for tokenize, else WARNING)')
   ns = parser.parse_args(rest)
   return ns, bindings
+
+
+def initialize_distributed(coordinator_address: str, num_processes: Optional[int],
+                           process_id: Optional[int]):
+  """Joins this process to a multi-process run (before JAX's first use of a device).
+
+  Args:
+    coordinator_address: HOST:PORT of process 0's coordination service, or 'auto' to let JAX
+      discover the cluster (TPU pods, SLURM, Open MPI).
+    num_processes: processes in the run (None with 'auto').
+    process_id: this process's index, 0 .. num_processes - 1 (None with 'auto').
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  if coordinator_address == 'auto':
+    jax.distributed.initialize()
+    return
+  # Processes on CPU exchange collectives through gloo; older JAX defaults to none at all.
+  if jax.config.values.get('jax_cpu_collectives_implementation') == 'none':
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(coordinator_address, num_processes=num_processes,
+                             process_id=process_id)
 
 
 def setup_compilation_cache():

@@ -21,7 +21,7 @@ class DatasetConfig:
     mixture_or_task_name: a registered SeqIO task or mixture.
     task_feature_lengths: e.g. {'targets': 64}.
     split: dataset split.
-    batch_size: the GLOBAL batch size; each process reads batch_size / process_count.
+    batch_size: the GLOBAL batch size (see `process_input` for what each process reads).
     shuffle: shuffle (training); evaluation reads in order.
     seed: shuffle seed; with the same seed the stream is the same, which exact resume needs.
     pack: pack several examples per row (seqio's packing) instead of padding each.
@@ -40,6 +40,14 @@ class DatasetConfig:
     cache_dir: a cache root to add to SeqIO's global cache directories (the CACHE_DIR given to
       `musiclm-jax tokenize`): where a cached task (use_cached), or a task that reads another
       task's cache (the stage tasks), finds it; None relies on the directories already added.
+    process_input: how a multi-process run splits the input (one process reads everything):
+      'full': every process reads the whole stream and batches the whole global batch, and each
+      device takes its rows of it; the global batches are the same for any number of processes,
+      so a multi-host run sees exactly the batches of a single-process one and resumes on another
+      process count without changing the data, at the price of every host reading (and
+      preprocessing) all the input. 'shard': seqio's ShardInfo: each process reads a disjoint
+      1/process_count of the input and batches batch_size / process_count rows (T5X's way;
+      input reading scales with hosts, but the stream depends on the process count).
   """
   mixture_or_task_name: str
   task_feature_lengths: Mapping[str, int]
@@ -53,9 +61,11 @@ class DatasetConfig:
   cache_dir: Optional[str] = None
   tfds_data_dir: Optional[str] = None
   feature_converter: str = 'lm'
+  process_input: str = 'full'
 
 
 FEATURE_CONVERTERS = ('lm', 'prefix_lm', 'audio')
+PROCESS_INPUTS = ('full', 'shard')
 
 
 def _feature_converter(config: DatasetConfig):
@@ -84,7 +94,18 @@ def _select_features(ds, lengths: Mapping[str, int]):
   return ds.map(select, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
+def reads_shard(config: DatasetConfig) -> bool:
+  """Whether this process reads only its share of the input (else the whole global batch)."""
+  if config.process_input not in PROCESS_INPUTS:
+    raise ValueError(f'DatasetConfig.process_input={config.process_input!r}: one of '
+                     f'{PROCESS_INPUTS}')
+  return config.process_input == 'shard' and jax.process_count() > 1
+
+
 def host_batch_size(config: DatasetConfig) -> int:
+  """Rows of each batch this process reads: the global batch, or its share of it."""
+  if not reads_shard(config):
+    return config.batch_size
   n = jax.process_count()
   if config.batch_size % n:
     raise ValueError(f'DatasetConfig.batch_size={config.batch_size} does not divide over '
@@ -104,7 +125,7 @@ def _check_cache(config: DatasetConfig):
 
 def get_host_dataset(config: DatasetConfig, num_epochs: Optional[int] = None,
                      drop_remainder: bool = True):
-  """This process's share of the data as a batched tf.data.Dataset.
+  """This process's input as a batched tf.data.Dataset (`host_batch_size` rows a batch).
 
   Args:
     config: what to read.
@@ -132,7 +153,7 @@ def _host_dataset(config: DatasetConfig, num_epochs: Optional[int], drop_remaind
   if config.use_cached:
     _check_cache(config)
   shard_info = None
-  if jax.process_count() > 1:
+  if reads_shard(config):
     shard_info = seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count())
   ds = seqio.get_dataset(
       config.mixture_or_task_name, dict(config.task_feature_lengths),

@@ -49,7 +49,19 @@ class Checkpointer:
     return sorted(self._manager.all_steps())
 
   def save(self, step: int, state: Any, data_position: dict[str, Any], force: bool = False) -> bool:
-    """Saves if `step` is due (or `force`); returns whether a save started."""
+    """Saves if `step` is due (or `force`); returns whether a save started.
+
+    A step that is already saved is not saved again, even with `force` (orbax saves the step of
+    a preemption notice by itself, and a signal may arrive on a step that was due anyway).
+    """
+    if self._manager.latest_step() == int(step):
+      return False
+    if jax.process_count() > 1 and (force or self._manager.should_save(int(step))):
+      # Orbax opens a save with a barrier that is a collective of its own (an allgather over
+      # every device), independent of the step still running; with CPU (gloo) collectives the
+      # two ran concurrently and hung now and then. Letting the step finish first costs
+      # nothing: the save has to wait for the state anyway.
+      jax.block_until_ready(state)
     return self._manager.save(
         int(step), args=ocp.args.Composite(**{
             STATE: ocp.args.StandardSave(state),

@@ -248,18 +248,31 @@ class Partitioner:
             for name, v in batch_spec.items()}
 
   def host_local_batch_to_global(self, local_batch: Mapping[str, np.ndarray],
-                                 shardings: Optional[Mapping[str, NamedSharding]] = None
+                                 shardings: Optional[Mapping[str, NamedSharding]] = None,
+                                 global_batch_size: Optional[int] = None
                                  ) -> dict[str, jax.Array]:
-    """Assembles the global batch from each process's share (`make_array_from_process_local_data`).
+    """Assembles the global batch from each process's rows (`make_array_from_process_local_data`).
 
     Args:
-      local_batch: this process's rows of every feature.
+      local_batch: this process's rows of every feature: its share of the global batch, or the
+        whole global batch (the same on every process), of which each device keeps its rows.
       shardings: the global arrays' shardings (pass the step function's, computed once, on the
         hot path); default `batch_shardings(local_batch)`.
+      global_batch_size: rows of the global batch; None: `local_batch` is this process's share
+        (rows per process times the process count).
     """
     shardings = shardings or self.batch_shardings(local_batch)
-    return {name: jax.make_array_from_process_local_data(shardings[name], np.asarray(value))
-            for name, value in local_batch.items()}
+
+    def to_global(name, value):
+      value = np.asarray(value)
+      shape = None
+      if global_batch_size is not None:
+        # A leading size equal to the local one means "the whole array is here"; a larger one
+        # means "these are my devices' rows"; the other dimensions are whole.
+        shape = (global_batch_size,) + value.shape[1:]
+      return jax.make_array_from_process_local_data(shardings[name], value, shape)
+
+    return {name: to_global(name, value) for name, value in local_batch.items()}
 
 def partition_spec_snapshot(mesh_specs: Any) -> dict[str, list]:
   """{parameter path: mesh PartitionSpec as a list} for golden-file checks of sharding rules."""

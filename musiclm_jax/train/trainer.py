@@ -13,11 +13,12 @@ from typing import Any, Callable, Optional, Sequence
 
 import gin
 import jax
+import jax.experimental.multihost_utils  # noqa: F401  pylint: disable=unused-import
 import numpy as np
 from tqdm import tqdm
 
 from musiclm_jax.data.seqio_input import (DatasetConfig, batch_spec_of, get_host_dataset,
-                                          global_batch_spec, numpy_batches)
+                                          global_batch_spec, numpy_batches, reads_shard)
 from musiclm_jax.train.checkpoints import Checkpointer, abstract_with_shardings
 from musiclm_jax.train.models import BaseModel
 from musiclm_jax.train.partitioning import Partitioner
@@ -57,17 +58,33 @@ def write_text_atomically(model_dir: str, text: str, name: str = 'config.gin'):
 
 
 class _StopSignals:
-  """Turns SIGTERM/SIGINT into a flag the loop checks between steps (then save and exit)."""
+  """Turns SIGTERM/SIGINT into a flag the loop checks between steps (then save and exit).
 
-  def __init__(self):
+  In a multi-process run every process must stop at the same step (a save, like a step, waits
+  for all of them), so SIGTERM is left to JAX's preemption service, which
+  `jax.distributed.initialize` hooks to it: it tells every process and picks one step at which
+  all stop (`multihost_utils.reached_preemption_sync_point`). SIGINT and the time limit join
+  that protocol through `notify_all_processes`.
+  """
+
+  def __init__(self, multi_process: bool = False):
     self.received: Optional[int] = None
+    self.multi_process = multi_process
+    self._notified = False
     self._previous = {}
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
+      signals = (signal.SIGINT,) if self.multi_process else (signal.SIGTERM, signal.SIGINT)
+      for sig in signals:
         self._previous[sig] = signal.signal(sig, self._handle)
     return self
+
+  def notify_all_processes(self):
+    """Raises the preemption notice (SIGTERM to this process, caught by JAX), once."""
+    if not self._notified:
+      self._notified = True
+      os.kill(os.getpid(), signal.SIGTERM)
 
   def _handle(self, signum, frame):
     del frame
@@ -172,6 +189,8 @@ def train(*,
 
   # Skipping the batches already consumed replays exactly the stream an uninterrupted run sees.
   batches = numpy_batches(ds.skip(start_step) if start_step else ds)
+  # A process reading the whole global batch counts all its tokens; one reading a shard, its share.
+  token_scale = jax.process_count() if reads_shard(train_dataset) else 1
   hooks = list(step_hooks) + list(step_hooks_extra)
   losses: dict[int, float] = {}
   step = start_step
@@ -208,7 +227,7 @@ def train(*,
     if window['t0'] is not None and window['steps']:
       dt = time.perf_counter() - window['t0']
       rates['steps_per_second'] = window['steps'] / dt
-      rates['tokens_per_second'] = window['tokens'] * jax.process_count() / dt
+      rates['tokens_per_second'] = window['tokens'] * token_scale / dt
       scalars['perf/steps_per_second'] = rates['steps_per_second']
       scalars['perf/tokens_per_second'] = rates['tokens_per_second']
       scalars['perf/examples_per_second'] = train_dataset.batch_size * window['steps'] / dt
@@ -227,12 +246,14 @@ def train(*,
     window.update(t0=time.perf_counter(), steps=0, tokens=0, sums={})
 
   loop_start = time.perf_counter()
-  with _StopSignals() as signals, _progress(train_steps, start_step,
-                                            progress_bar and is_main) as bar:
+  multi_process = jax.process_count() > 1
+  with _StopSignals(multi_process) as signals, _progress(train_steps, start_step,
+                                                         progress_bar and is_main) as bar:
     try:
       while step < train_steps:
         host_batch = next(batches)
-        batch = partitioner.host_local_batch_to_global(host_batch, steps.batch_shardings)
+        batch = partitioner.host_local_batch_to_global(host_batch, steps.batch_shardings,
+                                                       train_dataset.batch_size)
         state, device_metrics = steps.train_step(state, batch)
         step += 1
         # Fetch the previous step's metrics while this one runs: one step stays in flight.
@@ -262,20 +283,27 @@ def train(*,
           bar.set_postfix(loss=f'{losses[max(losses)]:.4f}', refresh=False)
         out_of_time = (time_limit_seconds is not None and step < train_steps and
                        time.perf_counter() - loop_start > time_limit_seconds)
-        if out_of_time and signals.received is None:
+        stop = out_of_time or signals.received is not None
+        if multi_process:
+          # Every process calls this every step; it turns True on all of them at the same step.
+          if stop:
+            signals.notify_all_processes()
+          stop = (step < train_steps and
+                  jax.experimental.multihost_utils.reached_preemption_sync_point(step))
+        if stop and step < train_steps:
           finish_pending()
           checkpointer.save(step, state, _data_position(train_dataset, step), force=True)
           interrupted = True
           if is_main:
-            tqdm.write(f'Stopped at step {step}: train.time_limit_seconds={time_limit_seconds:g} '
-                       'reached; checkpoint saved.')
-          break
-        if signals.received is not None and step < train_steps:
-          finish_pending()
-          checkpointer.save(step, state, _data_position(train_dataset, step), force=True)
-          interrupted = True
-          if is_main:
-            tqdm.write(f'Stopped by signal {signals.received} at step {step}; checkpoint saved.')
+            if signals.received is not None:
+              tqdm.write(f'Stopped by signal {signals.received} at step {step}; '
+                         'checkpoint saved.')
+            elif out_of_time:
+              tqdm.write(f'Stopped at step {step}: train.time_limit_seconds='
+                         f'{time_limit_seconds:g} reached; checkpoint saved.')
+            else:
+              tqdm.write(f'Stopped at step {step} by a preemption notice (SIGTERM to one of the '
+                         f'{jax.process_count()} processes); checkpoint saved.')
           break
       finish_pending()
     finally:
@@ -292,7 +320,8 @@ def train(*,
 
 def _data_position(config: DatasetConfig, step: int) -> dict[str, Any]:
   return {'batches_consumed': int(step), 'mixture_or_task_name': config.mixture_or_task_name,
-          'split': config.split, 'seed': int(config.seed), 'batch_size': int(config.batch_size)}
+          'split': config.split, 'seed': int(config.seed), 'batch_size': int(config.batch_size),
+          'process_input': config.process_input, 'process_count': jax.process_count()}
 
 
 def _check_data_position(position, config: DatasetConfig, step: int):
@@ -304,6 +333,14 @@ def _check_data_position(position, config: DatasetConfig, step: int):
       logging.warning('Resuming step %d with %s=%r, but the checkpoint was written with %r: '
                       'the data stream will differ from an uninterrupted run.',
                       step, key, now, position[key])
+  # A sharded input's stream depends on how many processes share it.
+  was_sharded = position.get('process_input') == 'shard' and position.get('process_count', 1) > 1
+  if was_sharded != reads_shard(config) or (
+      was_sharded and position['process_count'] != jax.process_count()):
+    logging.warning('Resuming step %d with process_input=%r on %d processes, but the checkpoint '
+                    'was written with process_input=%r on %s: the data stream will differ from '
+                    'an uninterrupted run.', step, config.process_input, jax.process_count(),
+                    position.get('process_input', 'full'), position.get('process_count', 1))
 
 
 def _evaluate_state(steps: StepFunctions, partitioner: Partitioner, state: TrainState,
@@ -317,14 +354,16 @@ def _evaluate_state(steps: StepFunctions, partitioner: Partitioner, state: Train
   """
   ds = get_host_dataset(dataclasses.replace(dataset, shuffle=False), num_epochs=1,
                         drop_remainder=False)
-  per_host = next(iter(steps.batch_spec.values())).shape[0] // jax.process_count()
+  global_rows = next(iter(steps.batch_spec.values())).shape[0]
+  per_host = global_rows // jax.process_count() if reads_shard(dataset) else global_rows
   sums: dict[str, list[float]] = {}
   for i, host_batch in enumerate(numpy_batches(ds)):
     if num_batches is not None and i >= num_batches:
       break
     # Pad a final partial batch with zeros: zero loss weights, so it adds nothing.
     host_batch = {k: _pad_rows(v, per_host) for k, v in host_batch.items()}
-    batch = partitioner.host_local_batch_to_global(host_batch, steps.batch_shardings)
+    batch = partitioner.host_local_batch_to_global(host_batch, steps.batch_shardings,
+                                                   global_rows)
     ratios = jax.device_get(steps.eval_step(state, batch))
     if i == 0 and writer is not None and steps.summary_step is not None:
       _write_summaries(writer, step, jax.device_get(steps.summary_step(state, batch)),
