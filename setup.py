@@ -40,7 +40,9 @@ setuptools.setup(
     python_requires='>=3.11',
     packages=setuptools.find_packages(include=['musiclm_jax', 'musiclm_jax.*', 'tasks', 'tasks.*']),
     # MuLan's caption vocabulary (musiclm_jax/mulan/vocabulary.py), so an install carries it.
-    package_data={'musiclm_jax.mulan': ['assets/*.model']},
+    # musiclm_jax/pretrained/: the shipped tiny pipeline (make ship-tiny), loaded by `demo`.
+    package_data={'musiclm_jax.mulan': ['assets/*.model'],
+                  'musiclm_jax': ['pretrained/*/*.json', 'pretrained/*/**/*']},
     install_requires=INSTALL_REQUIRES,
     extras_require={
         # nbclient + ipykernel: tests/generate runs notebooks/sample.ipynb end to end.

@@ -31,3 +31,5 @@ from musiclm_jax.stages import tokens as stage_tokens  # noqa: F401  stage_token
 from musiclm_jax.stages import data as stage_data  # noqa: F401  stage_task
 from musiclm_jax.generate import pipeline as generate_pipeline  # noqa: F401  assemble_pipeline
 from musiclm_jax.evaluation import pipeline_eval  # noqa: F401  evaluate_pipeline
+from musiclm_jax.generate import ship  # noqa: F401  ship_pipeline
+from musiclm_jax.train import recipe  # noqa: F401  Step, train_pipeline

@@ -14,12 +14,27 @@ Subcommands:
             data/audio_folder.gin)
   assemble_pipeline  gin-configured `musiclm_jax.generate.pipeline.assemble_pipeline`: a
             pipeline folder from the trained parts (--gin_file=runs/assemble_pipeline.gin)
+  train_pipeline  gin-configured `musiclm_jax.train.recipe.train_pipeline`: every part of a
+            pipeline in order, each as its own musiclm-jax command, skipping the parts done and
+            resuming an interrupted one (--gin_file=pipelines/tiny.gin)
+  compile   gin-configured `musiclm_jax.train.compile.compile_train_step`: the train step of a
+            run file + model file lowered and compiled on a simulated mesh, with memory per
+            device and a projection onto pod slices; no data needed (runs/compile.gin is added)
+  ship_pipeline  gin-configured `musiclm_jax.generate.ship.ship_pipeline`: a pipeline folder
+            copied with a manifest (sha256s, recipe, eval summary), by default into the package
+            (--gin_file=runs/ship_pipeline.gin)
   sample    plain flags, not gin: `musiclm-jax sample --checkpoint PIPELINE_DIR --prompt TEXT
             --seconds 30 --out out.wav [--melody F] [--continue F] [--story "a:15|b:15"]`
             (musiclm_jax/generate/cli.py; `musiclm-jax sample --help`)
+  demo      plain flags: captions, a hummed melody and a story from a pipeline folder (default:
+            the shipped tiny one) as wavs, spectrograms and an HTML page
+            (musiclm_jax/generate/demo.py; `musiclm-jax demo --help`)
   memorization  plain flags: the semantic stage's memorization check (MusicLM section 5),
             `musiclm-jax memorization --stage_dir=DIR --cache_dir=DIR --split=train`
             (musiclm_jax/generate/memorization.py; `--help`)
+  sweep     plain flags: a gin grid as run folders, run in turn, one table of final metrics,
+            `musiclm-jax sweep --gin_file=F --grid "NAME=[V1, V2]" --sweep_dir=DIR [--dry_run]`
+            (musiclm_jax/train/sweep.py; `--help`)
 
 Flags (each may repeat):
   --gin_file=PATH              a gin file (searched in --gin_search_paths, the working directory
@@ -52,6 +67,9 @@ COMMANDS = {
     'fit_conditioner': ('musiclm_jax.mulan.conditioning', 'fit_conditioner'),
     'fit_melody_conditioner': ('musiclm_jax.melody.conditioning', 'fit_melody_conditioner'),
     'assemble_pipeline': ('musiclm_jax.generate.pipeline', 'assemble_pipeline'),
+    'compile': ('musiclm_jax.train.compile', 'compile_train_step'),
+    'train_pipeline': ('musiclm_jax.train.recipe', 'train_pipeline'),
+    'ship_pipeline': ('musiclm_jax.generate.ship', 'ship_pipeline'),
 }
 SUBCOMMANDS = tuple(COMMANDS)
 # `eval` runs this instead of trainer.evaluate when the gin files bind it (runs/eval.gin); the
@@ -62,8 +80,12 @@ _EVAL_KEYS = {'pipeline': 'evaluate_pipeline.pipeline_dir', 'checkpoint': 'evalu
 PLAIN_COMMANDS = {
     'sample': ('musiclm_jax.generate.cli', 'sample_main'),
     'memorization': ('musiclm_jax.generate.memorization', 'main'),
+    'demo': ('musiclm_jax.generate.demo', 'main'),
+    'sweep': ('musiclm_jax.train.sweep', 'main'),
 }
 # Data jobs report progress at INFO; training reports through its progress bar and summaries.
+# Gin files a subcommand adds after the user's (bindings on the command line still win).
+_ADDED_GIN_FILES = {'compile': ('runs/compile.gin',)}
 _INFO_BY_DEFAULT = ('tokenize', 'build_data', 'fit_kmeans', 'fit_conditioner', 'fit_text_vocab',
                     'fit_melody_conditioner')
 REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -255,15 +277,19 @@ def run(argv: Sequence[str]) -> int:
       logging.getLogger(name).setLevel(max(level, logging.WARNING))
   import jax  # pylint: disable=g-import-not-at-top
   if ns.coordinator_address:
-    jax.distributed.initialize(ns.coordinator_address, num_processes=ns.num_processes,
-                               process_id=ns.process_id)
+    initialize_distributed(ns.coordinator_address, ns.num_processes, ns.process_id)
   setup_compilation_cache()
   for module in ns.module_import:
     try:
       importlib.import_module(module)
     except ImportError as e:
       raise UsageError(f'--module_import={module}: {e}') from e
-  parse_gin(ns.gin_file, bindings, ns.gin_search_paths)
+  if ns.command in _ADDED_GIN_FILES:
+    # Its module registers the configurable the added gin file binds (compile_train_step).
+    importlib.import_module(COMMANDS[ns.command][0])
+  gin_files = list(ns.gin_file)
+  gin_files += [f for f in _ADDED_GIN_FILES.get(ns.command, ()) if f not in gin_files]
+  parse_gin(gin_files, bindings, ns.gin_search_paths)
   module_name, fn_name = eval_target() if ns.command == 'eval' else COMMANDS[ns.command]
   fn = getattr(importlib.import_module(module_name), fn_name)
   from musiclm_jax.data import build  # pylint: disable=g-import-not-at-top
@@ -278,6 +304,11 @@ def run(argv: Sequence[str]) -> int:
       # A missing pipeline folder, an unbuilt dataset, too few clips: one line.
       lines = [l for l in str(e).splitlines() if 'In call to configurable' not in l]
       raise UsageError(f'eval: {lines[0]}') from e
+    if type(e).__name__ in ('RecipeError', 'ShipError'):
+      # A recipe step that failed (its log named), a bad step list, a pipeline too large to
+      # ship: one line.
+      lines = [l for l in str(e).splitlines() if 'In call to configurable' not in l]
+      raise UsageError(f'{ns.command}: {lines[0]}') from e
     if isinstance(e, token_cache.CacheError):
       # A refusal (an existing cache, an unregistered task): one line, nothing was changed.
       lines = [l for l in str(e).splitlines() if 'In call to configurable' not in l]
