@@ -9,7 +9,8 @@ embeds a sample of the corpus with the trained encoder (layer `layer`, unmasked)
 on the mesh (musiclm_jax/semantic/kmeans.py) and writes TOKENIZER_DIR:
 
   variables/       orbax PyTree checkpoint {'params': {'encoder': <the layers the tokenizer
-                   runs>, 'centroids': [k, embed]}}
+                   runs; with W2VBert.scan_layers, each conformer module it enters whole, its
+                   blocks stacked>, 'centroids': [k, embed]}}
   tokenizer.json   the encoder's config, layer, k, where the weights came from, k-means stats
 
 `load_semantic_tokenizer(TOKENIZER_DIR)` gives a `FrozenTokenizer` (audio [batch, samples] ->
@@ -150,7 +151,12 @@ def _prune_to(tree: Any, template: Any, where: str = '') -> Any:
 
 def tokenizer_params(tokenizer: SemanticTokenizer, encoder_params: Any,
                      centroids: np.ndarray) -> dict[str, Any]:
-  """{'encoder': the encoder params `tokenize` uses, 'centroids': [k, embed]} as numpy."""
+  """{'encoder': the encoder params `tokenize` uses, 'centroids': [k, embed]} as numpy.
+
+  The encoder part is what `tokenize`'s `init` creates: unscanned, the blocks up to the layer
+  read; scanned (`W2VBert.scan_layers`), every module it enters with all its stacked blocks
+  (the conformer stack scans only the slice it needs when it runs).
+  """
   samples = tokenizer.encoder.hop_samples
   shapes = jax.eval_shape(lambda: tokenizer.init(
       jax.random.PRNGKey(0), jnp.zeros((1, samples), jnp.float32), method='tokenize'))

@@ -235,6 +235,9 @@ class W2VBert(nn.Module):
       wav2vec 2.0's near-uniform start, where the codes are noise until the quantizer learns;
       larger starts from sharper, BEST-RQ-like random-projection codes).
     remat_policy: conformer rematerialisation ('none', 'full', 'dots_saveable', ...).
+    scan_layers: run each conformer module's blocks with `nn.scan` over stacked parameters
+      (ConformerConfig.scan_layers: much faster compiles of deep models; a different parameter
+      layout from the default per-layer one).
     dtype: compute dtype (e.g. bfloat16; parameters stay float32).
   """
   front_end: LogMelFrontEnd = LogMelFrontEnd()
@@ -252,6 +255,7 @@ class W2VBert(nn.Module):
   projection_dim: int = 256
   quantizer_logit_init_scale: float = 1.0
   remat_policy: str = 'none'
+  scan_layers: bool = False
   dtype: Any = jnp.float32
 
   @property
@@ -275,7 +279,8 @@ class W2VBert(nn.Module):
     cfg = ConformerConfig(
         embed_dim=self.embed_dim, num_heads=self.num_heads, head_dim=self.head_dim,
         mlp_dim=self.mlp_dim, conv_kernel_size=self.conv_kernel_size,
-        dropout_rate=self.dropout_rate, remat_policy=self.remat_policy, dtype=self.dtype)
+        dropout_rate=self.dropout_rate, remat_policy=self.remat_policy,
+        scan_layers=self.scan_layers, dtype=self.dtype)
     self.feature_encoder = ConvFeatureEncoder(self.conv_channels, self.embed_dim,
                                               dtype=self.dtype)
     self.quantizer = GumbelQuantizer(self.codebook_size, self.codebook_dim,
