@@ -71,7 +71,7 @@ def evaluation_summary(eval_dir: str) -> dict[str, Any]:
   summary: dict[str, Any] = {'systems': metrics.get('systems'), 'setup': metrics.get('setup')}
   melody = metrics.get('melody')
   if isinstance(melody, dict):
-    summary['melody'] = {k: v for k, v in melody.items() if k != 'rows'}
+    summary['melody'] = {k: v for k, v in melody.items() if k != 'per_clip'}
   diagnostics = metrics.get('diagnostics')
   if isinstance(diagnostics, dict) and 'teacher_forced' in diagnostics:
     summary['teacher_forced'] = diagnostics['teacher_forced']

@@ -11,7 +11,8 @@ METRICS = {
         'shuffled_floor': {'instrument': 0.1, 'tempo': 0.4}}},  # mean 0.25
     'fad': {'generated': 40.0, 'real_halves_floor': 15.0, 'codec_resynthesis': 30.0},
     'systems': {'codec_resynthesis': {'mel_distance': 0.5}, 'opus_6kbps': {'mel_distance': 0.6}},
-    'melody': {'with_melody': 0.4, 'text_only': 0.2},
+    'melody': {'with_melody': 0.4, 'text_only_floor': 0.2, 'real_rendering_ceiling': 0.6,
+               'clips': 2},
     'setup': {'pipeline_dir': 'p', 'dataset': 'd', 'split': 'test', 'clips': 4, 'seconds': 3},
 }
 

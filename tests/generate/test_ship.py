@@ -13,7 +13,7 @@ def _fake_eval_and_recipe(tmp_path):
   eval_dir.mkdir()
   (eval_dir / 'metrics.json').write_text(json.dumps({
       'systems': {'real': {'fad': 17.0}, 'generated': {'fad': 80.0}},
-      'melody': {'with_melody': 0.5, 'text_only': 0.3, 'rows': [1, 2]},
+      'melody': {'with_melody': 0.5, 'text_only_floor': 0.3, 'per_clip': {'a/r0': {}}},
       'diagnostics': {'teacher_forced': {'semantic': {'accuracy': 0.6}}},
       'setup': {'clips': 4}}))
   recipe_dir = tmp_path / 'recipe'
@@ -37,7 +37,7 @@ def test_shipped_copy_loads_and_its_manifest_verifies(tiny_pipeline, tmp_path):
                                             'musiclm-jax train ...', 'status': 'done',
                                             'minutes': 2.0}
   assert on_disk['evaluation']['systems']['generated']['fad'] == 80.0
-  assert 'rows' not in on_disk['evaluation']['melody']
+  assert 'per_clip' not in on_disk['evaluation']['melody']
   pipe = Pipeline.load(out)  # the copy is a pipeline folder
   assert pipe.has_melody
   # a changed, a missing and an extra file are all reported
