@@ -99,8 +99,8 @@ class UsageError(Exception):
   """A bad flag, gin file or binding: reported in one line, exit status 2."""
 
 
-def parse_flags(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-  """Splits T5X-style flags; `--gin.NAME=VALUE` become gin binding strings `NAME=VALUE`."""
+def split_gin_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+  """(gin bindings 'NAME=VALUE' from `--gin.NAME=VALUE` / `--gin.NAME VALUE`, the other args)."""
   bindings, rest = [], []
   args = list(argv)
   i = 0
@@ -117,6 +117,12 @@ def parse_flags(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     else:
       rest.append(arg)
     i += 1
+  return bindings, rest
+
+
+def parse_flags(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+  """Splits T5X-style flags; `--gin.NAME=VALUE` become gin binding strings `NAME=VALUE`."""
+  bindings, rest = split_gin_flags(argv)
   parser = argparse.ArgumentParser(prog='musiclm-jax', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('command', choices=SUBCOMMANDS)

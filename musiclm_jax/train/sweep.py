@@ -154,22 +154,11 @@ def run_names(points: Sequence[dict[str, str]]) -> list[str]:
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
   """Splits `--gin.NAME=VALUE` flags (as `musiclm-jax train` takes them) from the others."""
-  bindings, rest = [], []
-  args = list(argv)
-  i = 0
-  while i < len(args):
-    arg = args[i]
-    if arg.startswith('--gin.'):
-      body = arg[len('--gin.'):]
-      if '=' not in body:
-        if i + 1 >= len(args):
-          raise SweepError(f'{arg}: expected --gin.NAME=VALUE')
-        body = f'{body}={args[i + 1]}'
-        i += 1
-      bindings.append(body)
-    else:
-      rest.append(arg)
-    i += 1
+  from musiclm_jax import main as main_lib  # pylint: disable=g-import-not-at-top
+  try:
+    bindings, rest = main_lib.split_gin_flags(argv)
+  except main_lib.UsageError as e:
+    raise SweepError(str(e)) from e
   parser = argparse.ArgumentParser(
       prog='musiclm-jax sweep', description=__doc__,
       formatter_class=argparse.RawDescriptionHelpFormatter)
