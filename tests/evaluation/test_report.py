@@ -36,7 +36,9 @@ def scalar_events(logdir):
   for tag in tags:
     events = accumulator.Tensors(tag)
     if all(tf.make_ndarray(e.tensor_proto).ndim == 0 for e in events):
-      scalars[tag] = [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in events]
+      # By step: two writers' files in one second sort by TF's process-wide file counter as
+      # text ('...9.v2' after '...10.v2'), so file order is not write order.
+      scalars[tag] = sorted((e.step, float(tf.make_ndarray(e.tensor_proto))) for e in events)
   return scalars, tags
 
 
