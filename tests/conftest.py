@@ -3,7 +3,13 @@ import os
 
 _flags = os.environ.get('XLA_FLAGS', '')
 if '--xla_force_host_platform_device_count' not in _flags:
-  os.environ['XLA_FLAGS'] = (_flags + ' --xla_force_host_platform_device_count=8').strip()
+  _flags += ' --xla_force_host_platform_device_count=8'
+# XLA's CPU collectives abort the process when a device thread waits over 40 s at a rendezvous;
+# 8 simulated devices on a loaded 2-core machine can (seen: an abort in MuLan's all-gather while
+# another job ran). Ten minutes instead: a slow test stays a slow test, not a crash.
+if '--xla_cpu_collective_call_terminate_timeout_seconds' not in _flags:
+  _flags += ' --xla_cpu_collective_call_terminate_timeout_seconds=600'
+os.environ['XLA_FLAGS'] = _flags.strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 os.environ.setdefault('MUSICLM_JAX_COMPILATION_CACHE',
                       os.path.join(os.path.expanduser('~'), '.cache', 'musiclm_jax', 'xla'))
