@@ -7,13 +7,13 @@ import json
 import logging
 import os
 import re
-import time
 from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 from musiclm_jax.audio.io import SkipCounter
+from musiclm_jax.data.model_dir import files_for, recover_replace, replacing
 
 # Every corpus (musiccaps, audio_folder, embedded music) has these fields, so one SeqIO task
 # definition reads any of them.
@@ -164,42 +164,40 @@ def prepare(make_builder: Callable[[], Any], manual_dir: Optional[str] = None,
   """Builds a TFDS dataset, never losing an existing build to a failed rebuild.
 
   TFDS's own overwrite modes delete the prepared dataset before generating the new one, so a
-  rebuild that fails half-way (a bad folder, an interrupt) leaves nothing. Here the old build is
-  moved aside, the new one generated (TFDS writes into an incomplete directory and renames it at
-  the end), and the old one deleted only after that succeeded; on failure it is moved back.
+  rebuild that fails half-way (a bad folder, an interrupt) leaves nothing. Here the rebuild runs
+  inside musiclm_jax.data.model_dir's journaled replace: the old build is moved to a hidden
+  sibling (`.VERSION.replace-old`), the new one generated (TFDS writes into an incomplete
+  directory and renames it at the end) and fsynced on a local disk, and the old one deleted only
+  after that succeeded; on failure it is moved back. A rebuild killed half way is undone by the
+  next `prepare` of the same dataset (the old build renamed back, with a warning).
 
   Args:
     make_builder: makes the builder (called again after moving the old data aside, so the new
-      builder does not restore the old DatasetInfo).
+      builder does not restore the old DatasetInfo, and after restoring an old build).
     manual_dir: TFDS's manual_dir (user-fetched files), if the builder reads one.
     overwrite: rebuild an existing dataset; False returns an existing one as it is.
 
   Returns:
     the prepared builder.
+
+  Raises:
+    model_dir.InterruptedReplaceError: a rebuild needed, and an earlier interrupted one cannot be
+      resolved safely (the message gives the commands that resolve it).
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   builder = make_builder()
   config = tfds.download.DownloadConfig(
       manual_dir=None if manual_dir is None else os.fspath(manual_dir),
       download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-  data_dir = builder.data_dir
+  data_dir = os.fspath(builder.data_dir)
+  files = files_for(data_dir, tf.io.gfile)
+  if recover_replace(data_dir, files) == 'restored':
+    builder = make_builder()  # made while the build was away: without its DatasetInfo
   built = tf.io.gfile.exists(os.path.join(data_dir, 'dataset_info.json'))
   if built and not overwrite:
     return builder
-  aside = None
-  if tf.io.gfile.exists(data_dir):
-    aside = f'{data_dir}.previous-{time.strftime("%Y%m%d%H%M%S")}-{os.getpid()}'
-    tf.io.gfile.rename(data_dir, aside)
-  try:
+  with replacing(data_dir, files):
     builder = make_builder()
     builder.download_and_prepare(download_config=config)
-  except BaseException:
-    if aside is not None:
-      if tf.io.gfile.exists(data_dir):
-        tf.io.gfile.rmtree(data_dir)
-      tf.io.gfile.rename(aside, data_dir)
-      logging.warning('rebuild failed: the previous build is back in place at %s', data_dir)
-    raise
-  if aside is not None:
-    tf.io.gfile.rmtree(aside)
+    files.sync_tree(data_dir)
   return builder

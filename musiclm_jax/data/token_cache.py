@@ -14,7 +14,10 @@ module, config, weights and parameter fingerprint, and the pre-cache preprocesso
 model is never read silently.
 
 A cache is written into a temporary sibling directory and moved into place only when the whole
-pipeline has succeeded: a failed or interrupted run leaves an existing cache as it was.
+pipeline has succeeded: a failed or interrupted run leaves an existing cache as it was. The move
+is musiclm_jax.data.model_dir's journaled replace (fsynced on a local disk): a run killed between
+taking the old cache away and putting the new one in place is rolled back or finished by the next
+`check_cache_provenance` or `cache_tasks` on that cache.
 
 The pipeline is seqio's `cache_tasks_main` built from `seqio.beam_utils`; Beam's
 `pipeline_options` pick the runner: the DirectRunner in this process by default, Dataflow, Flink
@@ -35,6 +38,8 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 import gin
 
 from musiclm_jax.data.frozen_tokenizer import FrozenTokenizer, jsonable
+from musiclm_jax.data.model_dir import (GFiles, InterruptedReplaceError, LocalFiles, is_local,
+                                        move_into_place, recover_replace)
 
 logger = logging.getLogger(__name__)
 
@@ -229,6 +234,9 @@ def check_cache_provenance(task_name: str, cache_dir: Optional[str] = None,
                            split: Optional[str] = None) -> dict[str, Any]:
   """Checks that a task's completed cache was made by the task as it is registered now.
 
+  A replace of the cache that was interrupted (a killed `cache_tasks`) is rolled back or
+  finished first (model_dir.recover_replace; what cannot be resolved safely is reported).
+
   Args:
     task_name: a registered SeqIO task.
     cache_dir: the cache root (the cache is `<cache_dir>/<task>/`); None checks the cache SeqIO
@@ -248,6 +256,8 @@ def check_cache_provenance(task_name: str, cache_dir: Optional[str] = None,
   tf = _tf()
   task = seqio.TaskRegistry.get(task_name)
   if cache_dir is None:
+    for root in seqio.utils.get_global_cache_dirs():
+      _recover(task_cache_dir(task_name, root))
     task_dir = task.cache_dir
     if not task_dir:
       raise MissingCacheError(
@@ -257,6 +267,7 @@ def check_cache_provenance(task_name: str, cache_dir: Optional[str] = None,
           "--gin.CACHE_DIR=...` and read it with DatasetConfig.cache_dir")
   else:
     task_dir = task_cache_dir(task_name, cache_dir)
+    _recover(task_dir)
     if not tf.io.gfile.exists(os.path.join(task_dir, COMPLETED_FILE)):
       raise MissingCacheError(f"Task '{task_name}' has no completed cache in {task_dir} (no "
                               f'{COMPLETED_FILE} file)')
@@ -375,24 +386,33 @@ def _rename_tree(src: str, dst: str, marker_first: bool):
   tf.io.gfile.rmtree(src)
 
 
-def _install(tmp_dir: str, final_dir: str, stamp: str):
-  """Puts a finished cache in place, replacing (only after that succeeded) what was there."""
-  tf = _tf()
-  backup = None
-  if tf.io.gfile.exists(final_dir):
-    backup = f'{final_dir}.replaced-{stamp}'
-    _rename_tree(final_dir, backup, marker_first=True)
+class _RemoteCacheFiles(GFiles):
+  """GFiles moving a cache with `_rename_tree` (file by file where a folder cannot be renamed)."""
+
+  def move(self, src: str, dst: str, into_place: bool) -> None:
+    _rename_tree(src, dst, marker_first=not into_place)
+
+
+def _cache_files(task_dir: str) -> LocalFiles:
+  """How a cache directory is moved: os renames and fsync locally, tf.io.gfile elsewhere."""
+  return LocalFiles() if is_local(task_dir) else _RemoteCacheFiles(_tf().io.gfile)
+
+
+def _recover(task_dir: str, strict: bool = False):
+  """Rolls back or finishes an interrupted replace of a cache (model_dir.recover_replace)."""
   try:
-    _rename_tree(tmp_dir, final_dir, marker_first=False)
-  except Exception:
-    if backup is not None:
-      logger.error('Could not move %s into place; putting back the previous cache', tmp_dir)
-      if tf.io.gfile.exists(final_dir):
-        tf.io.gfile.rmtree(final_dir)
-      _rename_tree(backup, final_dir, marker_first=False)
-    raise
-  if backup is not None:
-    tf.io.gfile.rmtree(backup)
+    return recover_replace(task_dir, _cache_files(task_dir), strict=strict)
+  except InterruptedReplaceError as e:
+    raise CacheError(f'Cannot write the cache in {task_dir}: {e}') from e
+
+
+def _install(tmp_dir: str, final_dir: str):
+  """Puts a finished cache in place, replacing (only after that succeeded) what was there.
+
+  model_dir.move_into_place: the old cache moves to a hidden sibling under a journal, fsynced on
+  a local disk, and is put back if the move fails; a kill in between is undone by the next run.
+  """
+  move_into_place(tmp_dir, final_dir, files=_cache_files(final_dir))
 
 
 def _import_modules(modules: Iterable[str]):
@@ -458,7 +478,8 @@ def cache_tasks(task_names: Sequence[str] = gin.REQUIRED, cache_dir: str = gin.R
   `<cache_dir>/<task>/` and moved there when the pipeline has finished; `provenance.json` is added
   last. A task whose completed cache is already up to date (same provenance) is skipped; one whose
   cache differs is refused unless `overwrite`, and even then the old cache is replaced only after
-  the new one is complete.
+  the new one is complete (a replace that an earlier run left unfinished is rolled back or
+  finished first, or refused with a CacheError that gives the commands resolving it).
 
   Runners (Beam flags in `pipeline_options`):
     local: ['--runner=DirectRunner'] (in this process; add '--direct_num_workers=N',
@@ -510,6 +531,7 @@ def cache_tasks(task_names: Sequence[str] = gin.REQUIRED, cache_dir: str = gin.R
     if missing or not task_splits:
       raise CacheError(f"Task '{name}' has splits {list(task.splits)}; asked for {task_splits}")
     final_dir = task_cache_dir(name, cache_dir)
+    _recover(final_dir, strict=True)
     if tf.io.gfile.exists(os.path.join(final_dir, COMPLETED_FILE)):
       try:
         recorded = check_cache_provenance(name, cache_dir)
@@ -599,7 +621,7 @@ def cache_tasks(task_names: Sequence[str] = gin.REQUIRED, cache_dir: str = gin.R
       }
       with tf.io.gfile.GFile(os.path.join(out, PROVENANCE_FILE), 'w') as f:
         json.dump(record, f, indent=2, sort_keys=True)
-      _install(out, final_dir, stamp)
+      _install(out, final_dir)
       written.append(final_dir)
       logger.info("Cached task '%s': %s examples in %s", task.name, record['num_examples'],
                      final_dir)
