@@ -12,12 +12,19 @@ A progress bar per stage goes to stderr. --mesh_shape samples the stage LMs shar
 (data, fsdp, model) device mesh, for models too large for one device or to split the batch
 (for a seed, the same audio as one device). Bad input (an empty or too long prompt, a story
 segment without seconds, an unreadable melody or clip, a folder that is not a pipeline, a mesh
-that does not fit the devices or the models) exits with status 2 and one line saying what is
-wrong.
+that does not fit the devices or the models, a sampling setting that is not a finite number
+in range, a seed outside 0 .. 2**32 - 1, an --out that cannot be written) exits with status 2
+and one line saying what is wrong. The flags and the --out path are checked before the
+pipeline is loaded: a bad setting or an unwritable --out never costs a load or a sampling run.
+
+Sampling settings: --temperatures finite and >= 0 (0 = greedy), --top_k an int >= 0 (0 = all
+ids), --guidance_scale finite and >= 0 (0 = unconditional, 1 = no guidance, > 1 guided),
+--seconds in (0, 600], --batch >= 1.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import Optional, Sequence
@@ -74,6 +81,20 @@ def _outputs(out: str, batch: int) -> list[str]:
   return [f'{stem}-{i + 1}{ext}' for i in range(batch)]
 
 
+def _check_writable(path: str) -> None:
+  """Raises ValueError unless `path` can be written: not a directory, and its parent a
+  writable directory or creatable in one (the writers create missing parent directories)."""
+  if os.path.isdir(path):
+    raise ValueError(f'--out {path}: cannot be written: it is a directory')
+  parent = os.path.dirname(os.path.abspath(path))
+  while not os.path.lexists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise ValueError(f'--out {path}: cannot be written: {parent} is not a directory')
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise ValueError(f'--out {path}: cannot be written: no permission to write in {parent}')
+
+
 def sample_main(argv: Sequence[str]) -> int:
   """Runs `musiclm-jax sample ARGS`; returns the exit status (2 for bad input)."""
   try:
@@ -111,10 +132,29 @@ def _sample(args: argparse.Namespace) -> int:
     except ValueError as e:
       raise ValueError(f'--temperatures {args.temperatures!r}: expected three numbers '
                        'semantic,coarse,fine') from e
-  if args.seconds is not None and not 0 < args.seconds <= pipeline_lib.MAX_SECONDS:
+    if len(temperatures) != len(pipeline_lib.STAGES):
+      raise ValueError(f'--temperatures {args.temperatures!r}: expected three numbers '
+                       'semantic,coarse,fine')
+  # The settings, checked as the pipeline will check them, before the (slow) load.
+  settings = [('--guidance_scale', 'guidance_scale', args.guidance_scale),
+              ('--top_k', 'top_k', args.top_k)]
+  settings += [(f'--temperatures (the {stage} stage)', 'temperature', t)
+               for stage, t in zip(pipeline_lib.STAGES, temperatures or [])]
+  for flag, field, value in settings:
+    if value is not None:
+      try:
+        pipeline_lib.check_setting(field, value)
+      except ValueError as e:
+        raise ValueError(f'{flag}: {e}') from None
+  pipeline_lib.check_seed(args.seed, '--seed')
+  if args.seconds is not None and not (
+      math.isfinite(args.seconds) and 0 < args.seconds <= pipeline_lib.MAX_SECONDS):
     raise ValueError(f'--seconds {args.seconds:g}: seconds must be in (0, '
                      f'{pipeline_lib.MAX_SECONDS:g}]')
   outputs = _outputs(args.out, args.batch)
+  for path in outputs:
+    _check_writable(path)
+    _check_writable(os.path.splitext(path)[0] + '.png')
   mesh_shape = pipeline_lib.parse_mesh_shape(args.mesh_shape)
   # Fail on unreadable inputs before the (slow) load.
   for flag, path in (('--melody', args.melody), ('--continue', args.continuation)):

@@ -173,6 +173,7 @@ def run_demo(checkpoint: str = DEFAULT_CHECKPOINT, out_dir: str = 'runs/demo',
     raise DemoError(f'--checkpoint {checkpoint}: no pipeline folder there{hint}')
   if not captions:
     raise DemoError('give at least one caption')
+  pipeline_lib.check_seed(seed, '--seed')  # before the pipeline loads, not after
   for c in captions:
     pipeline_lib.check_prompt(c, '--caption')
   story_parts = pipeline_lib.parse_story(story) if story else None

@@ -131,6 +131,53 @@ AUTO_MESH = 'auto'
 # ---------------------------------------------------------------------------------------------
 # Sampling settings.
 
+# The range of each StageSampling setting: (test of the value, what the error says it must be).
+# guidance_scale mixes the next-token log-probabilities as scale * cond + (1 - scale) * uncond
+# (decoding.py): 0 is unconditional sampling, 1 plain conditional sampling, > 1 guided; a
+# negative scale (sampling away from the prompt) is refused. top_k is bounded by int32 (what
+# decoding feeds the device); any value past the vocabulary keeps every id, as 0 does.
+_SETTING_RULES = {
+    'temperature': (lambda v: v >= 0, 'a finite number >= 0 (0 = greedy)'),
+    'top_k': (lambda v: 0 <= v < 2**31, 'an int in [0, 2**31) (0 = all ids)'),
+    'top_p': (lambda v: 0 < v <= 1, 'a finite number in (0, 1] (1 = all ids)'),
+    'guidance_scale': (lambda v: v >= 0, 'a finite number >= 0 (0 = unconditional, 1 = plain '
+                       'conditional sampling, > 1 guided)'),
+    'window_seconds': (lambda v: v > 0, 'a finite number of seconds > 0'),
+    'stride_seconds': (lambda v: v > 0, 'a finite number of seconds > 0'),
+}
+# The largest seed: jax.random.key keeps a seed's low 32 bits (2**32 gives seed 0's key, -1
+# seed 2**32 - 1's) and overflows past 64, so seeds are the ints 0 .. 2**32 - 1, one key each.
+MAX_SEED = 2**32 - 1
+
+
+def check_setting(field: str, value: Any) -> Union[int, float]:
+  """`value` of the `StageSampling` field `field` as its type (int top_k, float the others).
+
+  Raises:
+    ValueError: one line naming `field`, unless `value` is a number (an int for top_k; not a
+      bool or a str) that is finite and in the field's range (`_SETTING_RULES`): NaN and
+      infinities are refused.
+  """
+  in_range, rule = _SETTING_RULES[field]
+  kinds = (int, np.integer) if field == 'top_k' else (int, float, np.integer, np.floating)
+  number = math.nan
+  if isinstance(value, kinds) and not isinstance(value, bool):
+    try:
+      number = int(value) if field == 'top_k' else float(value)
+    except OverflowError:  # an int too large for a float
+      number = math.inf
+  if not (math.isfinite(number) and in_range(number)):
+    raise ValueError(f'{field} must be {rule}, got {value!r}')
+  return number
+
+
+def check_seed(seed: Any, what: str = 'seed') -> int:
+  """`seed` as an int, or a one-line ValueError naming `what` unless 0 <= seed <= MAX_SEED."""
+  if (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
+      or not 0 <= seed <= MAX_SEED):
+    raise ValueError(f'{what} must be an int in [0, 2**32 - 1 = {MAX_SEED}], got {seed!r}')
+  return int(seed)
+
 
 @dataclasses.dataclass(frozen=True)
 class StageSampling:
@@ -140,10 +187,14 @@ class StageSampling:
     temperature: softmax temperature (0 = greedy).
     top_k: keep the k most likely ids (0 = all).
     top_p: nucleus mass (1 = all).
-    guidance_scale: classifier-free guidance (1 = plain conditional sampling; ignored by
-      stages without droppable conditioning).
+    guidance_scale: classifier-free guidance (0 = unconditional, 1 = plain conditional
+      sampling, > 1 guided; ignored by stages without droppable conditioning).
     window_seconds: the decode window (the stage's training crop by default).
     stride_seconds: seconds generated per window after the first (<= window_seconds).
+
+  Every value is checked on construction (`check_setting`: a number, finite, in range; NaN
+  and infinities refused) and stored as its type (int top_k, float the others), so a bad
+  setting fails with a line naming it before anything is computed.
   """
   temperature: float
   window_seconds: float
@@ -153,12 +204,11 @@ class StageSampling:
   guidance_scale: float = 1.0
 
   def __post_init__(self):
-    if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-      raise ValueError(f'StageSampling: temperature ({self.temperature}) and top_k '
-                       f'({self.top_k}) must be >= 0, top_p ({self.top_p}) in (0, 1]')
-    if not 0 < self.stride_seconds <= self.window_seconds:
-      raise ValueError(f'StageSampling: stride_seconds ({self.stride_seconds}) must lie in (0, '
-                       f'window_seconds={self.window_seconds}]')
+    for field in dataclasses.fields(self):
+      object.__setattr__(self, field.name, check_setting(field.name, getattr(self, field.name)))
+    if self.stride_seconds > self.window_seconds:
+      raise ValueError(f'stride_seconds ({self.stride_seconds:g}) must be at most '
+                       f'window_seconds ({self.window_seconds:g})')
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -170,8 +220,8 @@ class StageSampling:
     if unknown:
       raise ValueError(f'{where}: unknown sampling settings {unknown} (known: {sorted(known)})')
     try:
-      return cls(**{k: (int(v) if k == 'top_k' else float(v)) for k, v in entry.items()})
-    except TypeError as e:
+      return cls(**entry)
+    except (TypeError, ValueError) as e:
       raise ValueError(f'{where}: {e}') from e
 
 
@@ -188,6 +238,9 @@ def _per_stage(value: StageValues, what: str, stages: Sequence[str] = STAGES
     return dict(value)
   if isinstance(value, (int, float, np.integer, np.floating)):
     return {s: value for s in stages}
+  if isinstance(value, (str, bytes)):
+    raise ValueError(f'{what}: give a number, one per stage {list(stages)} or {{stage: value}}, '
+                     f'got {value!r}')
   values = list(value)
   if len(values) != len(stages):
     raise ValueError(f'{what}: give one value per stage {list(stages)}, got {values}')
@@ -951,12 +1004,16 @@ class Pipeline:
 
   def _settings(self, guidance_scale: StageValues, temperatures: StageValues,
                 top_k: StageValues) -> dict[str, StageSampling]:
+    """The stages' settings with these overrides, each checked (`check_setting`)."""
     settings = dict(self.sampling)
-    for field, value in (('guidance_scale', guidance_scale), ('temperature', temperatures),
-                         ('top_k', top_k)):
-      for stage, v in _per_stage(value, field).items():
-        settings[stage] = dataclasses.replace(
-            settings[stage], **{field: int(v) if field == 'top_k' else float(v)})
+    for name, field, value in (('guidance_scale', 'guidance_scale', guidance_scale),
+                               ('temperatures', 'temperature', temperatures),
+                               ('top_k', 'top_k', top_k)):
+      for stage, v in _per_stage(value, name).items():
+        try:
+          settings[stage] = dataclasses.replace(settings[stage], **{field: v})
+        except ValueError as e:
+          raise ValueError(f"{name}: the {stage} stage's {e}") from e
     return settings
 
   def _melody_tokens_fn(self, melody: Optional[AudioLike]) -> Optional[Callable[[int], Any]]:
@@ -1020,12 +1077,15 @@ class Pipeline:
         looped to the length generated.
       continuation: audio (samples or a file) to continue.
       story: [(text, seconds), ...] or 'text one:15|text two:15' (then `text` must be None).
-      seed: the random seed (same seed, same inputs, same audio).
+      seed: the random seed, an int in [0, MAX_SEED = 2**32 - 1] (same seed, same inputs,
+        same audio).
       num_samples: samples per prompt (rows = prompts x num_samples).
       guidance_scale: a value for the stages that condition on MuLan (and melody), or
-        {stage: value}; default pipeline.json's.
-      temperatures: one value, one per stage (semantic, coarse, fine), or {stage: value}.
-      top_k: likewise.
+        {stage: value}; default pipeline.json's. Finite and >= 0 (0 = unconditional, 1 = no
+        guidance).
+      temperatures: one value, one per stage (semantic, coarse, fine), or {stage: value};
+        finite and >= 0 (0 = greedy).
+      top_k: likewise; ints >= 0 (0 = all ids).
       progress: show a progress bar per stage (tqdm, on stderr).
       semantic_tokens: int [batch or 1, frames] semantic tokens to use instead of generating
         them (frames = the whole 40 ms units of `seconds` at the semantic tokenizer's rate).
@@ -1038,10 +1098,14 @@ class Pipeline:
 
     Raises:
       ValueError: a bad prompt (empty, too long, not a str), story, length, melody or clip,
-        or ground-truth tokens of the wrong shape or range; the message says which and why.
+        ground-truth tokens of the wrong shape or range, or a sampling setting, seed or
+        num_samples that is not a finite number in range (checked before any compute); the
+        message says which and why.
     """
-    if not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+    if (isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer))
+        or num_samples < 1):
       raise ValueError(f'num_samples must be a positive int, got {num_samples!r}')
+    seed = check_seed(seed)
     settings = self._settings(guidance_scale, temperatures, top_k)
     # ---- conditioning plan: texts per segment, seconds, boundaries
     if story is not None:
