@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from musiclm_jax.data.integrity import IntegrityError, fingerprint
+
 PyTree = Any
 
 logger = logging.getLogger(__name__)
@@ -70,22 +72,6 @@ def describe_config(obj: Any) -> dict[str, Any]:
   return {'class': f'{cls.__module__}.{cls.__qualname__}', 'config': fields}
 
 
-def fingerprint(tree: PyTree) -> str:
-  """sha256 over a tree's arrays: each leaf's path, dtype, shape and bytes, in sorted path order.
-  """
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  items = sorted((('/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path), leaf)
-                  for path, leaf in leaves), key=lambda item: item[0])
-  h = hashlib.sha256()
-  for path, leaf in items:
-    a = np.asarray(leaf)
-    if a.dtype.byteorder == '>':
-      a = a.astype(a.dtype.newbyteorder('<'))
-    h.update(f'{path}|{a.dtype.name}|{a.shape}|'.encode())
-    h.update(np.ascontiguousarray(a).tobytes())
-  return h.hexdigest()
-
-
 def _path_get(tree: Mapping[str, Any], path: str, where: str) -> Any:
   node = tree
   for part in [p for p in path.split('/') if p]:
@@ -122,9 +108,21 @@ def _restore_numpy(path, subtrees: Mapping[str, str]) -> dict[str, Any]:
     {name: subtree of numpy arrays}.
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  def damaged(e: Optional[BaseException]) -> IntegrityError:
+    detail = f' ({type(e).__name__}: {str(e)[:300]})' if e is not None else ''
+    return IntegrityError(f'{path}: the weights cannot be read, the files are damaged or '
+                          f'incomplete{detail}')
+
   checkpointer = ocp.PyTreeCheckpointer()
   try:
-    saved = checkpointer.metadata(path).item_metadata.tree
+    try:
+      metadata = checkpointer.metadata(path).item_metadata
+    except (ValueError, OSError) as e:
+      raise damaged(e) from e
+    if metadata is None or getattr(metadata, 'tree', None) is None:
+      raise damaged(None)
+    saved = metadata.tree
     wanted: dict[str, Any] = {}
     for name, sub in subtrees.items():
       _path_set(wanted, sub, _path_get(saved, sub, f'checkpoint {path}'))
@@ -132,8 +130,11 @@ def _restore_numpy(path, subtrees: Mapping[str, str]) -> dict[str, Any]:
     item = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), wanted)
     restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
                                           wanted)
-    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=restore_args, partial_restore=True))
+    try:
+      restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+          item=item, restore_args=restore_args, partial_restore=True))
+    except (ValueError, OSError) as e:  # tensorstore reports damaged chunks as ValueError
+      raise damaged(e) from e
   finally:
     checkpointer.close()
   return {name: _path_get(restored, sub, f'checkpoint {path}') for name, sub in subtrees.items()}
@@ -173,6 +174,8 @@ class FrozenTokenizer:
     collections: other variable collections of a Checkpointer's state, {collection: path inside
       the state}, e.g. {'quantizer_state': 'model_state/quantizer_state'} for EMA codebooks.
     init_seed: seed of the random init when `checkpoint_dir` is None.
+    expected_params_sha256: the `fingerprint` of {'params': ...} the weights must have (a frozen
+      model folder's record); loading other weights is an `IntegrityError`. None: not checked.
     input_feature: the example feature holding the audio.
     batch_size: examples per model call (a short final batch is padded, so one compile).
     device: platform to run on ('cpu', 'gpu', 'tpu'); None takes JAX's default device.
@@ -182,7 +185,8 @@ class FrozenTokenizer:
                input_samples: int = gin.REQUIRED, method: str = 'tokenize',
                checkpoint_dir: Optional[str] = None, step: Optional[int] = None,
                params_group: str = 'model', collections: Optional[Mapping[str, str]] = None,
-               init_seed: int = 0, input_feature: str = 'audio', batch_size: int = 8,
+               init_seed: int = 0, expected_params_sha256: Optional[str] = None,
+               input_feature: str = 'audio', batch_size: int = 8,
                device: Optional[str] = None):
     self.model = model
     self.output_feature = output_feature
@@ -193,6 +197,7 @@ class FrozenTokenizer:
     self.params_group = params_group
     self.collections = dict(collections or {})
     self.init_seed = int(init_seed)
+    self.expected_params_sha256 = expected_params_sha256
     self.input_feature = input_feature
     self.batch_size = int(batch_size)
     self.device = device
@@ -274,8 +279,17 @@ class FrozenTokenizer:
       if self._loaded is None:
         host_variables, source = self._weights_source()
         logger.info('%r: weights loaded (%s)', self, source)
+        digest = fingerprint(host_variables)
+        if self.expected_params_sha256 is not None:
+          params_digest = (digest if set(host_variables) == {'params'} else
+                           fingerprint({'params': host_variables.get('params')}))
+          if params_digest != self.expected_params_sha256:
+            raise IntegrityError(
+                f'{self!r}: the weights are not the ones their record was saved with '
+                f'(params_sha256 {params_digest[:12]}..., recorded '
+                f'{self.expected_params_sha256[:12]}...): the files were changed or damaged')
         self._loaded = {'host_variables': host_variables, 'source': source,
-                        'fingerprint': fingerprint(host_variables)}
+                        'fingerprint': digest}
     return self._loaded
 
   def _load(self) -> dict[str, Any]:

@@ -33,8 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from musiclm_jax.data.integrity import check_params
 from musiclm_jax.data.model_dir import VARIABLES, read_model_record, save_model_dir
-from musiclm_jax.mulan.conditioning import module_config, module_from_config
+from musiclm_jax.data.module_records import module_config, module_from_config
 
 CODEC_RECORD = 'codec.json'
 CODEC_FORMAT = 'musiclm_jax.codec/1'
@@ -131,16 +132,21 @@ def read_codec_record(codec_dir: str) -> dict[str, Any]:
                            'export_codec')
 
 
-def load_codec_dir(codec_dir: str) -> tuple[Any, dict[str, Any]]:
-  """(SoundStream module, its variables {'params', 'quantizer_state'}) of a codec directory."""
+def load_codec_dir(codec_dir: str, verify: bool = True) -> tuple[Any, dict[str, Any]]:
+  """(SoundStream module, its variables {'params', 'quantizer_state'}) of a codec directory.
+
+  The weights are checked against codec.json's params_sha256 (`IntegrityError` when they
+  differ) unless `verify=False`.
+  """
   from musiclm_jax.codec.soundstream import SoundStream  # pylint: disable=g-import-not-at-top
   from musiclm_jax.nn.quantizer import STATE_COLLECTION  # pylint: disable=g-import-not-at-top
   record = read_codec_record(codec_dir)
-  generator = module_from_config(record['soundstream'])
+  generator = module_from_config(record['soundstream'], f'{codec_dir}/{CODEC_RECORD}: soundstream')
   if not isinstance(generator, SoundStream):
     raise ValueError(f'{codec_dir}/{CODEC_RECORD}: the model is a {type(generator).__name__}, '
                      'not a SoundStream')
   saved = _restore(codec_dir)
+  check_params(saved, record, f'the codec ({codec_dir})', verify)
   variables = {'params': _cast_floating(saved['generator'], generator.param_dtype),
                STATE_COLLECTION: saved[STATE_COLLECTION]}
   return generator, variables
@@ -267,17 +273,17 @@ def read_stage_record(stage_dir: str) -> dict[str, Any]:
                            'export_stage')
 
 
-def stage_model_from_record(record: dict[str, Any]) -> Any:
-  """The StageModel a stage.json describes (no weights)."""
+def stage_model_from_record(record: dict[str, Any], where: str = STAGE_RECORD) -> Any:
+  """The StageModel a stage.json describes (no weights); `where` names the file in errors."""
   from musiclm_jax.nn.transformer import TransformerConfig  # pylint: disable=g-import-not-at-top
   from musiclm_jax.stages.model import StageModel  # pylint: disable=g-import-not-at-top
   spec = spec_from_json(record['spec'])
-  config = module_from_config(record['transformer'])
+  config = module_from_config(record['transformer'], f'{where}: transformer')
   if not isinstance(config, TransformerConfig):
-    raise ValueError(f"stage.json: 'transformer' must describe a TransformerConfig, got "
+    raise ValueError(f"{where}: 'transformer' must describe a TransformerConfig, got "
                      f'{type(config).__name__}')
   if int(record.get('vocab_size', config.vocab_size)) != config.vocab_size:
-    raise ValueError(f"stage.json: vocab_size {record['vocab_size']} != the Transformer's "
+    raise ValueError(f"{where}: vocab_size {record['vocab_size']} != the Transformer's "
                      f'{config.vocab_size}')
   # The dropout is a training setting, kept for the record; only a stage with droppable streams
   # takes it (StageModel warns about one without).
@@ -285,12 +291,17 @@ def stage_model_from_record(record: dict[str, Any]) -> Any:
   return StageModel(spec, config, conditioning_dropout=dropout)
 
 
-def load_stage_dir(stage_dir: str) -> tuple[Any, Any, dict[str, Any]]:
+def load_stage_dir(stage_dir: str, verify: bool = True) -> tuple[Any, Any, dict[str, Any]]:
   """(StageModel, the Decoder's params as numpy in its param dtype, stage.json) of a stage dir.
+
+  The weights are checked against stage.json's params_sha256 (`IntegrityError` when they
+  differ) unless `verify=False`.
   """
   record = read_stage_record(stage_dir)
-  model = stage_model_from_record(record)
-  params = _cast_floating(_restore(stage_dir), model.config.param_dtype)
+  model = stage_model_from_record(record, os.path.join(stage_dir, STAGE_RECORD))
+  saved = _restore(stage_dir)
+  check_params(saved, record, f'the {record.get("stage", "")} stage ({stage_dir})', verify)
+  params = _cast_floating(saved, model.config.param_dtype)
   shapes = jax.eval_shape(lambda: model.module.init(jax.random.PRNGKey(0),
                                                     jnp.zeros((1, 2), jnp.int32)))['params']
   expected = jax.tree_util.tree_map(lambda s: tuple(s.shape), nn.meta.unbox(shapes))

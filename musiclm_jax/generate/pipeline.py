@@ -84,6 +84,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from musiclm_jax.data.integrity import MANIFEST, check_manifest, check_params
 from musiclm_jax.data.model_dir import write_directory_atomically
 from musiclm_jax.generate import decoding
 from musiclm_jax.generate import export
@@ -846,15 +847,17 @@ class Pipeline:
 
   def __init__(self, folder: str, record: dict[str, Any],
                partitioner: Optional[partitioning.Partitioner] = None,
-               mesh_shape: Optional[MeshShape] = None):
+               mesh_shape: Optional[MeshShape] = None, verify: bool = True):
     """Loads and checks every part (see `Pipeline.load`)."""
     from musiclm_jax.data.frozen_tokenizer import _restore_numpy  # pylint: disable=g-import-not-at-top
     from musiclm_jax.data.model_dir import VARIABLES  # pylint: disable=g-import-not-at-top
     from musiclm_jax.melody.conditioning import load_melody_conditioner  # pylint: disable=g-import-not-at-top
     from musiclm_jax.mulan.conditioning import load_conditioner  # pylint: disable=g-import-not-at-top
-    from musiclm_jax.semantic.tokenizer import tokenizer_module  # pylint: disable=g-import-not-at-top
+    from musiclm_jax.semantic.tokenizer import read_tokenizer_record, tokenizer_module  # pylint: disable=g-import-not-at-top
     self.folder = folder
     self.record = record
+    if check_manifest(folder, record.get('parts'), verify):
+      logger.info('%s: every file matches its %s', folder, MANIFEST)
     sizes, stage_records = _part_sizes(folder, record)
     specs = {}
     for stage in STAGES:
@@ -866,27 +869,30 @@ class Pipeline:
     self.sampling = _sampling_from_record(record, specs, f'{folder}/{RECORD}')
     self._sizes = sizes
 
-    self.codec, variables = export.load_codec_dir(_part_path(folder, record, 'codec'))
+    self.codec, variables = export.load_codec_dir(_part_path(folder, record, 'codec'), verify)
     self.codec_variables = jax.device_put(variables)
     tok_dir = _part_path(folder, record, 'semantic_tokenizer')
     self.semantic_tokenizer = tokenizer_module(tok_dir)
     tok_params = _restore_numpy(os.path.join(os.path.abspath(tok_dir), VARIABLES),
                                 {'params': 'params'})['params']
+    check_params(tok_params, read_tokenizer_record(tok_dir),
+                 f'the semantic tokenizer ({tok_dir})', verify)
     self._tokenizer_params = jax.device_put(tok_params)
     tokenizer = self.semantic_tokenizer
     self._tokenize = jax.jit(lambda p, a: tokenizer.apply({'params': p}, a, method='tokenize'))
-    self.mulan = load_conditioner(_part_path(folder, record, 'mulan_conditioner'))
+    self.mulan = load_conditioner(_part_path(folder, record, 'mulan_conditioner'), verify)
     melody_dir = _part_path(folder, record, 'melody_conditioner')
-    self.melody = None if melody_dir is None else load_melody_conditioner(melody_dir)
+    self.melody = None if melody_dir is None else load_melody_conditioner(melody_dir, verify)
     # The stages' parameter shapes and logical axes (from their records: nothing loaded yet)
     # choose the mesh ('auto') and where each parameter goes.
-    abstract = {stage: abstract_stage_params(export.stage_model_from_record(stage_records[stage]))
+    abstract = {stage: abstract_stage_params(export.stage_model_from_record(
+        stage_records[stage], f'{folder}/{stage}_stage/{export.STAGE_RECORD}'))
                 for stage in STAGES}
     self.partitioner = self._make_partitioner(partitioner, mesh_shape, abstract)
     self.stages: dict[str, _Stage] = {}
     for stage in STAGES:  # one stage's host copy of the parameters at a time
       model, params, stage_record = export.load_stage_dir(
-          _part_path(folder, record, f'{stage}_stage'))
+          _part_path(folder, record, f'{stage}_stage'), verify)
       params = self._place_params(stage, params, abstract[stage])
       self.stages[stage] = _Stage(stage, model, params, model.spec,
                                   model.spec.vocab_mask(model.config.vocab_size), stage_record)
@@ -899,8 +905,13 @@ class Pipeline:
   @classmethod
   def load(cls, folder: Union[str, os.PathLike],
            partitioner: Optional[partitioning.Partitioner] = None, *,
-           mesh_shape: Optional[MeshShape] = None) -> 'Pipeline':
-    """Loads a pipeline folder, checking that its parts are complete and fit together.
+           mesh_shape: Optional[MeshShape] = None, verify: bool = True) -> 'Pipeline':
+    """Loads a pipeline folder, checking that its parts are complete, intact and fit together.
+
+    A pipeline folder is data: its JSON records name only the classes and fields of
+    `musiclm_jax.data.module_records.RECORD_CLASSES`, so loading one runs no code it names.
+    Every part's weights are checked against its record's params_sha256, and a shipped folder's
+    files against its manifest.json (`verify=False` skips both, for weights edited on purpose).
 
     By default everything runs on the default device. With a mesh (`partitioner` or
     `mesh_shape`), the three stage LMs sample on it (module docstring, "Devices"): their
@@ -917,10 +928,14 @@ class Pipeline:
         tensor parallel, the heads, MLP and vocabulary split) or as a string '1,1,-1'; or
         'auto' (`auto_mesh_shape`: as much tensor parallelism as every stage's shapes allow,
         the other devices data parallel). The standard logical axis rules apply.
+      verify: check the weights and the manifest (above).
 
     Raises:
       PipelineError (a ValueError): naming the missing or mismatched part, or a stage
         parameter the mesh cannot split evenly.
+      IntegrityError (a ValueError): a part's weights or a file differ from its record or the
+        manifest (the message names the part).
+      RecordError (a ValueError): a record names a class or field a folder may not name.
       ValueError: both `partitioner` and `mesh_shape`, or a malformed `mesh_shape`.
     """
     mesh_shape = parse_mesh_shape(mesh_shape)
@@ -929,7 +944,7 @@ class Pipeline:
     folder = os.path.abspath(os.fspath(folder))
     if not os.path.isdir(folder):
       raise PipelineError(f'{folder}: no such pipeline folder')
-    return cls(folder, read_pipeline_record(folder), partitioner, mesh_shape)
+    return cls(folder, read_pipeline_record(folder), partitioner, mesh_shape, verify)
 
   @property
   def sample_rate(self) -> int:
@@ -1460,7 +1475,8 @@ class Pipeline:
 
 def load_pipeline(folder: Union[str, os.PathLike],
                   partitioner: Optional[partitioning.Partitioner] = None, *,
-                  mesh_shape: Optional[MeshShape] = None) -> Pipeline:
-  """`Pipeline.load(folder, partitioner, mesh_shape=...)`: a checked folder, ready to generate.
+                  mesh_shape: Optional[MeshShape] = None, verify: bool = True) -> Pipeline:
+  """`Pipeline.load(folder, partitioner, mesh_shape=..., verify=...)`: a checked folder, ready
+  to generate.
   """
-  return Pipeline.load(folder, partitioner, mesh_shape=mesh_shape)
+  return Pipeline.load(folder, partitioner, mesh_shape=mesh_shape, verify=verify)

@@ -12,12 +12,12 @@ demo` and `make demo` use) holds the pipeline folder's files unchanged plus:
 
 It is refused when the files exceed `max_megabytes` (the repository's budget; the message names
 the largest parts) and written atomically: an existing copy is replaced only with OVERWRITE and
-only once the new one is complete. `verify_manifest(folder)` re-hashes the files.
+only once the new one is complete. `musiclm_jax.data.integrity.manifest_problems(folder)`
+re-hashes the files; `Pipeline.load` checks them.
 """
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import shutil
@@ -26,9 +26,9 @@ from typing import Any, Optional
 
 import gin
 
+from musiclm_jax.data.integrity import MANIFEST, folder_files, sha256_of
 from musiclm_jax.data.model_dir import write_directory_atomically
 
-MANIFEST = 'manifest.json'
 MANIFEST_FORMAT = 'musiclm_jax.shipped_pipeline/1'
 CONFIG_DIR = 'configs'
 DEFAULT_OUT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -37,22 +37,6 @@ DEFAULT_OUT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(_
 
 class ShipError(ValueError):
   """A pipeline that cannot be shipped (too large, not a pipeline folder); the message says why."""
-
-
-def sha256_of(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for block in iter(lambda: f.read(1 << 20), b''):
-      digest.update(block)
-  return digest.hexdigest()
-
-
-def _files(folder: str) -> list[str]:
-  out = []
-  for parent, _, names in os.walk(folder):
-    for name in names:
-      out.append(os.path.relpath(os.path.join(parent, name), folder))
-  return sorted(out)
 
 
 def _git_commit() -> Optional[str]:
@@ -99,24 +83,6 @@ def _run_configs(pipeline_dir: str) -> dict[str, str]:
   return configs
 
 
-def verify_manifest(folder: str) -> list[str]:
-  """Problems with a shipped folder against its manifest (missing, changed or extra files)."""
-  with open(os.path.join(folder, MANIFEST)) as f:
-    manifest = json.load(f)
-  problems = []
-  listed = manifest['files']
-  for rel, entry in sorted(listed.items()):
-    path = os.path.join(folder, rel)
-    if not os.path.isfile(path):
-      problems.append(f'{rel}: missing')
-    elif sha256_of(path) != entry['sha256']:
-      problems.append(f'{rel}: sha256 differs from the manifest')
-  for rel in _files(folder):
-    if rel != MANIFEST and rel not in listed:
-      problems.append(f'{rel}: not in the manifest')
-  return problems
-
-
 @gin.configurable
 def ship_pipeline(pipeline_dir: str = gin.REQUIRED, out_dir: Optional[str] = None,
                   recipe_dir: Optional[str] = None, eval_dir: Optional[str] = None,
@@ -142,7 +108,7 @@ def ship_pipeline(pipeline_dir: str = gin.REQUIRED, out_dir: Optional[str] = Non
   if not os.path.isfile(os.path.join(pipeline_dir, 'pipeline.json')):
     raise ShipError(f'{pipeline_dir}: not a pipeline folder (no pipeline.json; make one with '
                     '`musiclm-jax assemble_pipeline`)')
-  files = _files(pipeline_dir)
+  files = folder_files(pipeline_dir)
   sizes = {rel: os.path.getsize(os.path.join(pipeline_dir, rel)) for rel in files}
   configs = _run_configs(pipeline_dir)
   total = sum(sizes.values()) + sum(os.path.getsize(p) for p in configs.values())
@@ -174,7 +140,7 @@ def ship_pipeline(pipeline_dir: str = gin.REQUIRED, out_dir: Optional[str] = Non
       for part, path in configs.items():
         shutil.copyfile(path, os.path.join(staging, CONFIG_DIR, f'{part}.gin'))
     listed = {}
-    for rel in _files(staging):
+    for rel in folder_files(staging):
       path = os.path.join(staging, rel)
       listed[rel] = {'sha256': sha256_of(path), 'bytes': os.path.getsize(path)}
     manifest['files'] = listed

@@ -52,8 +52,9 @@ import jax
 import numpy as np
 
 from musiclm_jax.melody.encoder import MelodyEncoder
-from musiclm_jax.mulan.conditioning import (fit_rvq, module_config, module_from_config,
-                                            rvq_decode, rvq_encode)
+from musiclm_jax.data.integrity import check_params
+from musiclm_jax.data.module_records import module_config, module_from_config
+from musiclm_jax.mulan.conditioning import fit_rvq, rvq_decode, rvq_encode
 
 logger = logging.getLogger(__name__)
 
@@ -162,16 +163,22 @@ def read_melody_conditioner_record(conditioner_dir: str) -> dict[str, Any]:
 
 
 @gin.configurable
-def load_melody_conditioner(conditioner_dir: str = gin.REQUIRED) -> MelodyConditioner:
-  """The `MelodyConditioner` saved in `conditioner_dir`."""
+def load_melody_conditioner(conditioner_dir: str = gin.REQUIRED, verify: bool = True
+                            ) -> MelodyConditioner:
+  """The `MelodyConditioner` saved in `conditioner_dir`.
+
+  Its weights are checked against melody_conditioner.json's params_sha256 (`IntegrityError`
+  when they differ) unless `verify=False`.
+  """
   from musiclm_jax.data.frozen_tokenizer import _restore_numpy  # pylint: disable=g-import-not-at-top
   record = read_melody_conditioner_record(conditioner_dir)
-  network = module_from_config(record['encoder'])
+  network = module_from_config(record['encoder'], f'{conditioner_dir}/{_RECORD}: encoder')
   if not isinstance(network, MelodyEncoder):
     raise ValueError(f'{conditioner_dir}/{_RECORD}: the encoder is a {type(network).__name__}, '
                      'not a MelodyEncoder')
   params = _restore_numpy(os.path.join(os.path.abspath(conditioner_dir), 'variables'),
                           {'params': 'params'})['params']
+  check_params(params, record, f'the melody conditioner ({conditioner_dir})', verify)
   return MelodyConditioner(network, params['encoder'], params['codebooks'])
 
 

@@ -33,7 +33,6 @@ Typical use:
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import logging
 import os
@@ -45,6 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from musiclm_jax.data.integrity import check_params
+from musiclm_jax.data.module_records import module_config, module_from_config
 from musiclm_jax.mulan import losses as losses_lib
 from musiclm_jax.mulan.model import MuLan
 
@@ -141,46 +142,6 @@ def rvq_decode(codes: Any, codebooks: Any) -> Array:
   if codes.shape[-1] != levels:
     raise ValueError(f'codes have {codes.shape[-1]} levels, the codebooks {levels}')
   return sum(codebooks[level][codes[..., level]] for level in range(levels))
-
-
-# ---------------------------------------------------------------------------
-# Module configuration (JSON) of a MuLan network
-# ---------------------------------------------------------------------------
-
-
-def module_config(obj: Any) -> Any:
-  """JSON-able description of a (Flax) dataclass tree: class path, fields, dtypes, tuples."""
-  if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-    out = {'__class__': f'{type(obj).__module__}.{type(obj).__qualname__}'}
-    for f in dataclasses.fields(obj):
-      if f.name in ('parent', 'name') or not f.init:
-        continue
-      out[f.name] = module_config(getattr(obj, f.name))
-    return out
-  if isinstance(obj, (tuple, list)):
-    return {'__tuple__': [module_config(v) for v in obj]}
-  if obj is None or isinstance(obj, (bool, int, float, str)):
-    return obj
-  try:
-    return {'__dtype__': jnp.dtype(obj).name}
-  except TypeError as e:
-    raise TypeError(f'cannot describe {obj!r} ({type(obj).__name__}) in JSON') from e
-
-
-def module_from_config(config: Any) -> Any:
-  """Inverse of `module_config` (classes only from the musiclm_jax package)."""
-  if isinstance(config, dict):
-    if '__dtype__' in config:
-      return jnp.dtype(config['__dtype__']).type
-    if '__tuple__' in config:
-      return tuple(module_from_config(v) for v in config['__tuple__'])
-    path = config['__class__']
-    module_name, _, cls_name = path.rpartition('.')
-    if not module_name.startswith('musiclm_jax.'):
-      raise ValueError(f'refusing to build {path}: not a musiclm_jax class')
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    return cls(**{k: module_from_config(v) for k, v in config.items() if k != '__class__'})
-  return config
 
 
 # ---------------------------------------------------------------------------
@@ -350,16 +311,22 @@ def read_conditioner_record(conditioner_dir: str) -> dict[str, Any]:
 
 
 @gin.configurable
-def load_conditioner(conditioner_dir: str = gin.REQUIRED) -> MuLanConditioner:
-  """The `MuLanConditioner` saved in `conditioner_dir`."""
+def load_conditioner(conditioner_dir: str = gin.REQUIRED, verify: bool = True
+                     ) -> MuLanConditioner:
+  """The `MuLanConditioner` saved in `conditioner_dir`.
+
+  Its weights are checked against conditioner.json's params_sha256 (`IntegrityError` when they
+  differ) unless `verify=False`.
+  """
   from musiclm_jax.data.frozen_tokenizer import _restore_numpy  # pylint: disable=g-import-not-at-top
   record = read_conditioner_record(conditioner_dir)
   conditioner_dir = os.path.abspath(conditioner_dir)
+  network = module_from_config(record['mulan'], f'{conditioner_dir}/{_RECORD}: mulan')
   params = _restore_numpy(os.path.join(conditioner_dir, 'variables'),
                           {'params': 'params'})['params']
-  return MuLanConditioner(module_from_config(record['mulan']), params['mulan'],
-                          params['codebooks'], record['window_samples'], record['hop_samples'],
-                          record['text_length'],
+  check_params(params, record, f'the MuLan conditioner ({conditioner_dir})', verify)
+  return MuLanConditioner(network, params['mulan'], params['codebooks'],
+                          record['window_samples'], record['hop_samples'], record['text_length'],
                           _text_tokenizer_from_record(conditioner_dir, record))
 
 

@@ -214,11 +214,18 @@ def tokenizer_module(tokenizer_dir: str) -> SemanticTokenizer:
 @gin.configurable
 def load_semantic_tokenizer(tokenizer_dir: str = gin.REQUIRED, input_samples: int = 240000,
                             output_feature: str = OUTPUT_FEATURE, batch_size: int = 8,
-                            device: Optional[str] = None) -> FrozenTokenizer:
-  """A FrozenTokenizer for SeqIO tasks / caches: audio [batch, input_samples] -> 25 Hz tokens."""
+                            device: Optional[str] = None, verify: bool = True
+                            ) -> FrozenTokenizer:
+  """A FrozenTokenizer for SeqIO tasks / caches: audio [batch, input_samples] -> 25 Hz tokens.
+
+  Its weights are checked against tokenizer.json's params_sha256 when they are loaded
+  (`IntegrityError` when they differ), unless `verify=False`.
+  """
+  record = read_tokenizer_record(tokenizer_dir)
   return FrozenTokenizer(model=tokenizer_module(tokenizer_dir), output_feature=output_feature,
                          input_samples=input_samples, method='tokenize',
                          checkpoint_dir=os.path.join(os.path.abspath(tokenizer_dir), VARIABLES),
+                         expected_params_sha256=record.get('params_sha256') if verify else None,
                          batch_size=batch_size, device=device)
 
 

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from musiclm_jax.data.frozen_tokenizer import FrozenTokenizer
+from musiclm_jax.data.module_records import module_from_config
 from musiclm_jax.stages.spec import (CODEC_FEATURE, MELODY_FEATURE, MULAN_FEATURE, SAMPLE_RATE,
                                      SEMANTIC_FEATURE)
 
@@ -96,11 +97,16 @@ class MuLanAudioTokenizer(nn.Module):
 
 
 def mulan_tokenizer(conditioner_dir: str, input_samples: int, output_feature: str = MULAN_FEATURE,
-                    batch_size: int = 8, device: Optional[str] = None) -> FrozenTokenizer:
-  """A FrozenTokenizer of a MuLan conditioner directory: audio -> int32 [batch, levels]."""
+                    batch_size: int = 8, device: Optional[str] = None,
+                    verify: bool = True) -> FrozenTokenizer:
+  """A FrozenTokenizer of a MuLan conditioner directory: audio -> int32 [batch, levels].
+
+  Its weights are checked against the record's params_sha256 when loaded, unless `verify=False`.
+  """
   from musiclm_jax.mulan import conditioning  # pylint: disable=g-import-not-at-top
   record = conditioning.read_conditioner_record(conditioner_dir)
-  model = MuLanAudioTokenizer(mulan=conditioning.module_from_config(record['mulan']),
+  where = os.path.join(conditioner_dir, 'conditioner.json')
+  model = MuLanAudioTokenizer(mulan=module_from_config(record['mulan'], f'{where}: mulan'),
                               num_levels=int(record['num_levels']),
                               codebook_size=int(record['codebook_size']),
                               window_samples=int(record['window_samples']),
@@ -109,6 +115,7 @@ def mulan_tokenizer(conditioner_dir: str, input_samples: int, output_feature: st
                          method='tokenize',
                          checkpoint_dir=os.path.join(os.path.abspath(conditioner_dir),
                                                      'variables'),
+                         expected_params_sha256=record.get('params_sha256') if verify else None,
                          batch_size=batch_size, device=device)
 
 
@@ -171,7 +178,8 @@ class MelodyAudioTokenizer(nn.Module):
 
 def melody_tokenizer(conditioner_dir: str, input_samples: int,
                      output_feature: str = MELODY_FEATURE, num_frames: Optional[int] = None,
-                     batch_size: int = 8, device: Optional[str] = None) -> FrozenTokenizer:
+                     batch_size: int = 8, device: Optional[str] = None,
+                     verify: bool = True) -> FrozenTokenizer:
   """A FrozenTokenizer of a melody conditioner directory: audio -> int32 [batch, frames, levels].
 
   Args:
@@ -182,11 +190,13 @@ def melody_tokenizer(conditioner_dir: str, input_samples: int,
       (`MelodyConditioner.num_windows(input_samples)`: 3 for 10 s with 4 s windows, 3 s hop).
     batch_size: clips per model call.
     device: platform the model runs on (None: JAX's default).
+    verify: check the weights against the record's params_sha256 when they are loaded.
   """
   from musiclm_jax.melody import conditioning  # pylint: disable=g-import-not-at-top
   from musiclm_jax.melody.encoder import MelodyEncoder  # pylint: disable=g-import-not-at-top
   record = conditioning.read_melody_conditioner_record(conditioner_dir)
-  encoder = conditioning.module_from_config(record['encoder'])
+  encoder = module_from_config(record['encoder'],
+                               os.path.join(conditioner_dir, 'melody_conditioner.json: encoder'))
   if not isinstance(encoder, MelodyEncoder):
     raise ValueError(f'{conditioner_dir}: the melody conditioner\'s encoder is a '
                      f'{type(encoder).__name__}, not a MelodyEncoder')
@@ -202,6 +212,7 @@ def melody_tokenizer(conditioner_dir: str, input_samples: int,
                          method='tokenize',
                          checkpoint_dir=os.path.join(os.path.abspath(conditioner_dir),
                                                      'variables'),
+                         expected_params_sha256=record.get('params_sha256') if verify else None,
                          batch_size=batch_size, device=device)
 
 

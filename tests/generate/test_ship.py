@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+from musiclm_jax.data import integrity
 from musiclm_jax.generate import ship
 from musiclm_jax.generate.pipeline import Pipeline
 
@@ -29,7 +30,7 @@ def test_shipped_copy_loads_and_its_manifest_verifies(tiny_pipeline, tmp_path):
   eval_dir, recipe_dir = _fake_eval_and_recipe(tmp_path)
   out = str(tmp_path / 'shipped')
   manifest = ship.ship_pipeline(tiny_pipeline[0], out, recipe_dir=recipe_dir, eval_dir=eval_dir)
-  assert ship.verify_manifest(out) == []
+  assert integrity.manifest_problems(out) == []
   on_disk = json.load(open(os.path.join(out, ship.MANIFEST)))
   assert on_disk['files'] == manifest['files'] and 'pipeline.json' in on_disk['files']
   assert on_disk['total_bytes'] == sum(e['bytes'] for e in on_disk['files'].values())
@@ -46,7 +47,7 @@ def test_shipped_copy_loads_and_its_manifest_verifies(tiny_pipeline, tmp_path):
     f.write(' ')
   os.remove(os.path.join(out, next(r for r in on_disk['files'] if r.startswith('codec'))))
   open(os.path.join(out, 'stray.txt'), 'w').close()
-  problems = ship.verify_manifest(out)
+  problems = integrity.manifest_problems(out)
   assert any('pipeline.json: sha256 differs' in p for p in problems)
   assert any(p.startswith('codec') and p.endswith('missing') for p in problems)
   assert 'stray.txt: not in the manifest' in problems

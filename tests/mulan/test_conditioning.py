@@ -129,11 +129,6 @@ def test_conditioner_tokens_save_and_load(tmp_path):
     conditioning.load_conditioner(str(tmp_path))
 
 
-def test_module_config_refuses_foreign_classes():
-  with pytest.raises(ValueError, match='not a musiclm_jax class'):
-    conditioning.module_from_config({'__class__': 'os.system'})
-
-
 # ------------------------------------------------------------------ gin: train, then fit
 
 
