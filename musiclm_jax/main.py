@@ -298,26 +298,39 @@ def run(argv: Sequence[str]) -> int:
   parse_gin(gin_files, bindings, ns.gin_search_paths)
   module_name, fn_name = eval_target() if ns.command == 'eval' else COMMANDS[ns.command]
   fn = getattr(importlib.import_module(module_name), fn_name)
+  # Imported once the flags above have set up JAX, logging and the compilation cache.
   from musiclm_jax.data import build  # pylint: disable=g-import-not-at-top
+  from musiclm_jax.data import integrity  # pylint: disable=g-import-not-at-top
+  from musiclm_jax.data import model_dir  # pylint: disable=g-import-not-at-top
+  from musiclm_jax.data import module_records  # pylint: disable=g-import-not-at-top
   from musiclm_jax.data import token_cache  # pylint: disable=g-import-not-at-top
   from musiclm_jax.evaluation import pipeline_eval  # pylint: disable=g-import-not-at-top
+  from musiclm_jax.generate import ship  # pylint: disable=g-import-not-at-top
+  from musiclm_jax.train import checkpoints  # pylint: disable=g-import-not-at-top
+  from musiclm_jax.train import recipe  # pylint: disable=g-import-not-at-top
   try:
     fn()
   except (ValueError, TypeError, RuntimeError) as e:
+    lines = [l for l in str(e).splitlines() if 'In call to configurable' not in l]
+    if isinstance(e, (checkpoints.CheckpointError, checkpoints.ModelDirLockedError,
+                      model_dir.InterruptedReplaceError)):
+      # A run that would lose or overwrite what was written, or a replace to finish by hand:
+      # the whole message (each step and why, or the commands that restore), nothing changed.
+      raise UsageError(f'{ns.command}: ' + '\n'.join(lines)) from e
+    if isinstance(e, (integrity.IntegrityError, module_records.RecordError)):
+      # A damaged or edited folder, a record naming what a folder may not: one line.
+      raise UsageError(f'{ns.command}: {lines[0]}') from e
     if isinstance(e, build.BuildError):
       raise UsageError(f'build_data: {str(e).splitlines()[0]}') from e
     if isinstance(e, pipeline_eval.EvalError):
       # A missing pipeline folder, an unbuilt dataset, too few clips: one line.
-      lines = [l for l in str(e).splitlines() if 'In call to configurable' not in l]
       raise UsageError(f'eval: {lines[0]}') from e
-    if type(e).__name__ in ('RecipeError', 'ShipError'):
+    if isinstance(e, (recipe.RecipeError, ship.ShipError)):
       # A recipe step that failed (its log named), a bad step list, a pipeline too large to
       # ship: one line.
-      lines = [l for l in str(e).splitlines() if 'In call to configurable' not in l]
       raise UsageError(f'{ns.command}: {lines[0]}') from e
     if isinstance(e, token_cache.CacheError):
       # A refusal (an existing cache, an unregistered task): one line, nothing was changed.
-      lines = [l for l in str(e).splitlines() if 'In call to configurable' not in l]
       raise UsageError('tokenize: ' + '\n'.join(lines)) from e
     # A gin.REQUIRED parameter left unbound: a usage error naming it. Anything else is a bug or
     # a data problem and keeps its traceback.

@@ -1,10 +1,14 @@
 """The gin entry point: flags, errors that name the culprit, eval of a trained run."""
 import json
+import socket
+import subprocess
+import time
 
 import gin
 import pytest
 
 from musiclm_jax import main
+from musiclm_jax.train.checkpoints import LOCK_FILE
 from tests.train.toy_setup import train_toy
 
 
@@ -41,6 +45,22 @@ def test_missing_gin_file_exits_nonzero_naming_it(capsys):
   rc = main.main(['train', '--gin_file=examples/no_such_file.gin', "--gin.MODEL_DIR='x'"])
   assert rc == 2
   assert 'no_such_file.gin' in capsys.readouterr().err
+
+
+def test_a_locked_model_dir_is_a_usage_error_naming_the_holder(tmp_path, capsys):
+  other = subprocess.Popen(['sleep', '600'])  # a live process standing in for a trainer
+  try:
+    (tmp_path / LOCK_FILE).write_text(json.dumps(
+        {'host': socket.gethostname(), 'pid': other.pid, 'started': 'now',
+         'started_unix': time.time()}))
+    rc = main.main(['train', '--gin_file=examples/toy_lm.gin', f"--gin.MODEL_DIR='{tmp_path}'"])
+  finally:
+    other.kill()
+    other.wait()
+  err = capsys.readouterr().err
+  assert rc == 2 and err.startswith('musiclm-jax: error: train: ')
+  assert f'pid {other.pid}' in err and 'Traceback' not in err
+  assert not (tmp_path / 'checkpoints').exists()
 
 
 def test_eval_subcommand_on_a_trained_run(tmp_path):
