@@ -35,6 +35,9 @@ Subcommands:
   sweep     plain flags: a gin grid as run folders, run in turn, one table of final metrics,
             `musiclm-jax sweep --gin_file=F --grid "NAME=[V1, V2]" --sweep_dir=DIR [--dry_run]`
             (musiclm_jax/train/sweep.py; `--help`)
+  codec_report  plain flags: what a codec keeps level by level beside Opus, on any folder of
+            audio, `musiclm-jax codec_report --codec DIR --audio_dir DIR --out_dir DIR`
+            (musiclm_jax/evaluation/codec_report.py; `--help`)
 
 Flags (each may repeat):
   --gin_file=PATH              a gin file (searched in --gin_search_paths, the working directory
@@ -82,6 +85,7 @@ PLAIN_COMMANDS = {
     'memorization': ('musiclm_jax.generate.memorization', 'main'),
     'demo': ('musiclm_jax.generate.demo', 'main'),
     'sweep': ('musiclm_jax.train.sweep', 'main'),
+    'codec_report': ('musiclm_jax.evaluation.codec_report', 'main'),
 }
 # Data jobs report progress at INFO; training reports through its progress bar and summaries.
 # Gin files a subcommand adds after the user's (bindings on the command line still win).
