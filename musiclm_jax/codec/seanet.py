@@ -21,6 +21,36 @@ ACTIVATION_AXES = ('batch', 'length', 'conv_out')
 KERNEL_AXES = ('conv_width', 'conv_in', 'conv_out')
 # Dilations of the three residual units of every SEANet block.
 DILATIONS = (1, 3, 9)
+# The activations a SEANet may use: SoundStream's ELU, or DAC's snake (periodic, for pitched audio).
+ACTIVATIONS = ('elu', 'snake')
+
+
+class Snake(nn.Module):
+  """snake(x) = x + sin^2(alpha x) / alpha, one learned alpha per channel (DAC; Ziyin et al.).
+
+  A periodic inductive bias: a stack of snakes makes oscillations (harmonics) easily, which an
+  ELU stack learns slowly. alpha starts at 1.
+  """
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    alpha = self.param('alpha', nn.with_logical_partitioning(nn.initializers.ones,
+                                                             ('conv_out',)),
+                       (x.shape[-1],), self.param_dtype).astype(x.dtype)
+    return x + jnp.square(jnp.sin(alpha * x)) / (alpha + 1e-9)
+
+
+def _check_activation(activation: str) -> None:
+  if activation not in ACTIVATIONS:
+    raise ValueError(f'activation {activation!r} is not one of {ACTIVATIONS}')
+
+
+def _activate(module: nn.Module, activation: str, x: Array, name: str) -> Array:
+  """ELU (no parameters, so an ELU network's parameter tree is unchanged) or a named Snake."""
+  if activation == 'snake':
+    return Snake(param_dtype=module.param_dtype, name=name)(x)
+  return nn.elu(x)
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -160,28 +190,30 @@ class CausalConvTranspose1d(nn.Module):
 
 
 class ResidualUnit(nn.Module):
-  """SEANet residual unit: x + conv1(elu(conv7_dilated(elu(x)))).
+  """SEANet residual unit: x + conv1(act(conv7_dilated(act(x)))).
 
   Attributes:
     channels: width of the input, the hidden layer and the output.
     dilation: dilation of the kernel_size-tap convolution.
     kernel_size: taps of the dilated convolution.
+    activation: 'elu' or 'snake' (ACTIVATIONS).
     dtype: compute dtype.
     param_dtype: parameter dtype.
   """
   channels: int
   dilation: int
   kernel_size: int = 7
+  activation: str = 'elu'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    y = nn.elu(x)
+    y = _activate(self, self.activation, x, 'act_0')
     y = CausalConv1d(self.channels, self.kernel_size, dilation=self.dilation,
                      dtype=self.dtype, param_dtype=self.param_dtype,
                      name='dilated_conv')(y)
-    y = nn.elu(y)
+    y = _activate(self, self.activation, y, 'act_1')
     y = CausalConv1d(self.channels, 1, dtype=self.dtype,
                      param_dtype=self.param_dtype, name='pointwise_conv')(y)
     return nn.with_logical_constraint(x + y, ACTIVATION_AXES)
@@ -222,6 +254,7 @@ class SEANetEncoder(nn.Module):
     kernel_size: taps of the input convolution.
     residual_kernel_size: taps of the dilated residual convolutions.
     output_kernel_size: taps of the output convolution.
+    activation: 'elu' (SoundStream) or 'snake' (DAC) everywhere an ELU stands.
     dtype: compute dtype (outputs are float32).
     param_dtype: parameter dtype.
   """
@@ -232,6 +265,7 @@ class SEANetEncoder(nn.Module):
   kernel_size: int = 7
   residual_kernel_size: int = 7
   output_kernel_size: int = 3
+  activation: str = 'elu'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -267,6 +301,7 @@ class SEANetEncoder(nn.Module):
                        f'{tuple(self.strides)} must have the same length')
     if audio.ndim != 2:
       raise ValueError(f'expected audio [batch, samples], got {audio.shape}')
+    _check_activation(self.activation)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = nn.with_logical_constraint(audio.astype(self.dtype)[..., None],
                                    ('batch', 'length', None))
@@ -278,14 +313,14 @@ class SEANetEncoder(nn.Module):
     width = self.channels
     for i, (mult, stride) in enumerate(zip(self.channel_mults, self.strides)):
       for j, dilation in enumerate(DILATIONS):
-        x = ResidualUnit(width, dilation, self.residual_kernel_size,
+        x = ResidualUnit(width, dilation, self.residual_kernel_size, self.activation,
                          name=f'block_{i}_residual_{j}', **kw)(x)
       width = self.channels * mult
-      x = CausalConv1d(width, 2 * stride, stride=stride,
-                       name=f'block_{i}_downsample', **kw)(nn.elu(x))
+      x = CausalConv1d(width, 2 * stride, stride=stride, name=f'block_{i}_downsample',
+                       **kw)(_activate(self, self.activation, x, f'block_{i}_act'))
       x = nn.with_logical_constraint(x, ACTIVATION_AXES)
-    x = CausalConv1d(self.embedding_dim, self.output_kernel_size,
-                     name='output_conv', **kw)(nn.elu(x))
+    x = CausalConv1d(self.embedding_dim, self.output_kernel_size, name='output_conv',
+                     **kw)(_activate(self, self.activation, x, 'output_act'))
     return nn.with_logical_constraint(x.astype(jnp.float32),
                                       ('batch', 'length', 'embed'))
 
@@ -309,6 +344,7 @@ class SEANetDecoder(nn.Module):
     kernel_size: taps of the input and output convolutions.
     residual_kernel_size: taps of the dilated residual convolutions.
     tanh_output: squash the output into (-1, 1).
+    activation: 'elu' (SoundStream) or 'snake' (DAC) everywhere an ELU stands.
     dtype: compute dtype (the output is float32).
     param_dtype: parameter dtype.
   """
@@ -319,6 +355,7 @@ class SEANetDecoder(nn.Module):
   kernel_size: int = 7
   residual_kernel_size: int = 7
   tanh_output: bool = False
+  activation: str = 'elu'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -356,6 +393,7 @@ class SEANetDecoder(nn.Module):
     if z.ndim != 3 or z.shape[-1] != self.embedding_dim:
       raise ValueError(f'expected [batch, frames, {self.embedding_dim}], got '
                        f'{z.shape}')
+    _check_activation(self.activation)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = nn.with_logical_constraint(z.astype(self.dtype),
                                    ('batch', 'length', 'embed'))
@@ -364,16 +402,17 @@ class SEANetDecoder(nn.Module):
                      **kw)(x)
     x = nn.with_logical_constraint(x, ACTIVATION_AXES)
     for i in reversed(range(len(self.strides))):
-      x = CausalConvTranspose1d(widths[i], self.strides[i],
-                                name=f'block_{i}_upsample', **kw)(nn.elu(x))
+      x = CausalConvTranspose1d(widths[i], self.strides[i], name=f'block_{i}_upsample',
+                                **kw)(_activate(self, self.activation, x, f'block_{i}_act'))
       x = nn.with_logical_constraint(x, ACTIVATION_AXES)
       for j, dilation in enumerate(DILATIONS):
-        x = ResidualUnit(widths[i], dilation, self.residual_kernel_size,
+        x = ResidualUnit(widths[i], dilation, self.residual_kernel_size, self.activation,
                          name=f'block_{i}_residual_{j}', **kw)(x)
     # One output channel: never split it over a mesh axis.
     x = CausalConv1d(1, self.kernel_size,
                      kernel_axes=('conv_width', 'conv_in', None),
-                     name='output_conv', **kw)(nn.elu(x))
+                     name='output_conv', **kw)(_activate(self, self.activation, x,
+                                                         'output_act'))
     x = x[..., 0].astype(jnp.float32)
     if self.tanh_output:
       x = jnp.tanh(x)

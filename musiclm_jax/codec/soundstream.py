@@ -53,6 +53,8 @@ class SoundStream(nn.Module):
     kernel_size: taps of the SEANet input / output convolutions.
     residual_kernel_size: taps of the dilated residual convolutions.
     tanh_output: squash the decoder output into (-1, 1).
+    activation: 'elu' (SoundStream) or 'snake' (DAC's periodic activation, one learned
+      frequency per channel) in the encoder and the decoder.
     num_levels: residual VQ levels N.
     codebook_size: codes per level K.
     commitment_cost: weight of the commitment loss.
@@ -72,6 +74,7 @@ class SoundStream(nn.Module):
   kernel_size: int = 7
   residual_kernel_size: int = 7
   tanh_output: bool = False
+  activation: str = 'elu'
   num_levels: int = 12
   codebook_size: int = 1024
   commitment_cost: float = 0.25
@@ -97,8 +100,8 @@ class SoundStream(nn.Module):
         channels=self.channels, channel_mults=tuple(self.channel_mults),
         strides=tuple(self.strides), embedding_dim=self.embedding_dim,
         kernel_size=self.kernel_size,
-        residual_kernel_size=self.residual_kernel_size, dtype=self.dtype,
-        param_dtype=self.param_dtype, **kwargs)
+        residual_kernel_size=self.residual_kernel_size, activation=self.activation,
+        dtype=self.dtype, param_dtype=self.param_dtype, **kwargs)
 
   def _decoder(self, **kwargs) -> SEANetDecoder:
     return SEANetDecoder(
@@ -106,7 +109,7 @@ class SoundStream(nn.Module):
         strides=tuple(self.strides), embedding_dim=self.embedding_dim,
         kernel_size=self.kernel_size,
         residual_kernel_size=self.residual_kernel_size,
-        tanh_output=self.tanh_output, dtype=self.dtype,
+        tanh_output=self.tanh_output, activation=self.activation, dtype=self.dtype,
         param_dtype=self.param_dtype, **kwargs)
 
   def setup(self):

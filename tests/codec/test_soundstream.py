@@ -306,3 +306,38 @@ def test_training_reduces_reconstruction_loss(model):
   # Quantizer dropout draws 1..4 levels per example once k-means has run.
   assert out['num_active_levels'].shape == (2,)
   assert bool(np.all(nn.unbox(state)['quantizer']['initialized']))
+
+
+def test_snake_activation_is_causal_learns_alpha_and_leaves_elu_trees_alone(model, variables):
+  snake = SoundStream(**TINY, activation='snake')
+  audio = _audio()
+  snake_vars = jax.jit(lambda a: snake.init({'params': jax.random.key(0)}, a,
+                                            train=False))(audio)
+  alphas = {'/'.join(str(getattr(k, 'key', k)) for k in path): np.asarray(leaf)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(
+                nn.unbox(snake_vars['params']))[0] if path[-1].key == 'alpha'}
+  # One per channel of every activation: 4 per block on each side, the residual units' 2 each.
+  assert 'decoder/output_act/alpha' in alphas and 'encoder/block_0_act/alpha' in alphas
+  assert all(np.all(a == 1.0) for a in alphas.values())
+  # ELU has no parameters: the ELU model's tree is what it was (shipped codecs still load).
+  elu_paths = {'/'.join(str(getattr(k, 'key', k)) for k in path)
+               for path, _ in jax.tree_util.tree_flatten_with_path(
+                   nn.unbox(variables['params']))[0]}
+  snake_paths = {'/'.join(str(getattr(k, 'key', k)) for k in path)
+                 for path, _ in jax.tree_util.tree_flatten_with_path(
+                     nn.unbox(snake_vars['params']))[0]}
+  assert snake_paths - set(alphas) == elu_paths
+  assert not any('alpha' in p or '_act' in p for p in elu_paths)
+  # snake(x) = x + sin^2(alpha x) / alpha, and still causal end to end.
+  x = jnp.linspace(-3, 3, 7)[None, None, :]
+  y = seanet.Snake().apply({'params': {'alpha': jnp.full((7,), 2.0)}}, x)
+  np.testing.assert_allclose(y, x + jnp.sin(2.0 * x) ** 2 / 2.0, rtol=1e-6)
+  forward = jax.jit(lambda v, a: snake.apply(v, a, train=False))
+  cut = 10 * HOP
+  late = audio.copy()
+  late[:, cut:] += 1.0
+  a, b = forward(snake_vars, audio), forward(snake_vars, late)
+  np.testing.assert_allclose(a['audio'][:, :cut], b['audio'][:, :cut], atol=1e-6)
+  with pytest.raises(ValueError, match="activation 'relu' is not one of"):
+    SoundStream(**TINY, activation='relu').init({'params': jax.random.key(0)}, audio,
+                                                 train=False)
