@@ -17,28 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 
 import numpy as np
 
 BITRATES_KBPS = (1.5, 3.0, 6.0)
-
-
-def opus_roundtrip(audio: np.ndarray, sample_rate: int, kbps: float, workdir: str) -> np.ndarray:
-  """Encodes and decodes with the opus-tools command-line programs; same length as the input."""
-  from musiclm_jax.audio import opus  # pylint: disable=g-import-not-at-top
-  return opus.roundtrip(audio, sample_rate, kbps, workdir)
-
-
-def load_clips(tfds_data_dir, split: str, num_clips: int) -> np.ndarray:
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from musiclm_jax.data import embedded_music  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-  builder = tfds.builder('embedded_music/default', data_dir=tfds_data_dir)
-  ds = builder.as_dataset(split=split, shuffle_files=False).take(num_clips)
-  return np.stack([ex['audio'].astype(np.float32) / 32768.0 for ex in tfds.as_numpy(ds)])
 
 
 def main(argv=None) -> int:
@@ -59,16 +43,17 @@ def main(argv=None) -> int:
 
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from musiclm_jax.codec import losses  # pylint: disable=g-import-not-at-top
+  from musiclm_jax.audio import opus  # pylint: disable=g-import-not-at-top
   from musiclm_jax.codec import model as codec_model  # pylint: disable=g-import-not-at-top
+  from musiclm_jax.evaluation import codec_report  # pylint: disable=g-import-not-at-top
 
   model, params, model_state, step = codec_model.load_codec(args.model_dir, args.step)
   rate = model.sample_rate
-  clips = load_clips(tfds_data_dir, args.split, args.num_clips)
+  # Whole clips (10 s) of the split, as codec_report reads them.
+  clips = codec_report.corpus_clips(args.split, tfds_data_dir, 10.0, args.num_clips, rate)
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(params['generator']))
 
-  metric_fn = jax.jit(lambda ref, est: (losses.multi_scale_mel_distance(ref, est, sample_rate=rate),
-                                        losses.si_snr(ref, est)))
+  metric_fn = codec_report.metrics_fn(rate)
   codec_fns = {}
   for kbps in BITRATES_KBPS:
     n = int(round(kbps * 1000 / model.generator.bitrate(1)))
@@ -90,22 +75,14 @@ def main(argv=None) -> int:
                              embedder.clip_outputs(list(estimates[half:2 * half])).embeddings))
 
   def score(estimates: np.ndarray):
-    dist, snr = [], []
-    for i in range(0, len(clips), args.batch):
-      d, s = metric_fn(jnp.asarray(clips[i:i + args.batch]),
-                       jnp.asarray(estimates[i:i + args.batch]))
-      dist.append(np.asarray(d))
-      snr.append(np.asarray(s))
-    return (float(np.mean(np.concatenate(dist))), float(np.mean(np.concatenate(snr))),
-            fad_of(estimates))
+    return (*codec_report.score(metric_fn, clips, estimates, args.batch), fad_of(estimates))
 
   rows = [('input itself', '-', *score(clips))]
-  have_opus = shutil.which('opusenc') and shutil.which('opusdec')
+  have_opus = opus.available()
   for kbps in BITRATES_KBPS:
     if have_opus:
-      with tempfile.TemporaryDirectory() as tmp:
-        opus = np.stack([opus_roundtrip(c, rate, kbps, tmp) for c in clips])
-      rows.append((f'Opus {kbps:g} kbps', f'{kbps:g}', *score(opus)))
+      rows.append((f'Opus {kbps:g} kbps', f'{kbps:g}',
+                   *score(np.stack([opus.roundtrip(c, rate, kbps) for c in clips]))))
     n, fn = codec_fns[kbps]
     recon = np.concatenate([np.asarray(fn(jnp.asarray(clips[i:i + args.batch])))
                             for i in range(0, len(clips), args.batch)])

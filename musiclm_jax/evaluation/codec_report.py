@@ -167,7 +167,8 @@ def _codec_functions(generator) -> dict[str, Callable]:
           'decode': jax.jit(decode)}
 
 
-def _metrics_fn(sample_rate: int) -> Callable:
+def metrics_fn(sample_rate: int) -> Callable:
+  """Jitted (reference, estimate) -> (per-example mel distance, per-example SI-SNR)."""
   return jax.jit(lambda ref, est: (losses.multi_scale_mel_distance(ref, est,
                                                                    sample_rate=sample_rate),
                                    losses.si_snr(ref, est)))
@@ -217,7 +218,8 @@ def measure(generator, variables, clips: np.ndarray, batch: int = 4,
           'usage': np.asarray(usage), 'perplexity': np.asarray(perplexity), 'levels': levels}
 
 
-def _score(metric_fn, clips: np.ndarray, estimates: np.ndarray, batch: int) -> tuple[float, float]:
+def score(metric_fn, clips: np.ndarray, estimates: np.ndarray, batch: int) -> tuple[float, float]:
+  """(mean mel distance, mean SI-SNR dB) of `estimates` against `clips`, `batch` rows a call."""
   dist, snr = [], []
   for i in range(0, len(clips), batch):
     d, s = metric_fn(jnp.asarray(clips[i:i + batch]), jnp.asarray(estimates[i:i + batch]))
@@ -231,7 +233,7 @@ def report(generator, variables, clips: np.ndarray, *, batch: int = 4, fad: bool
   """Every row of the module docstring, scored on `clips` float32 [clips, samples]."""
   rate = int(generator.sample_rate)
   measured = measure(generator, variables, clips, batch, progress)
-  metric_fn = _metrics_fn(rate)
+  metric_fn = metrics_fn(rate)
   systems = dict(measured['reconstructions'])
   opus_note = None
   if with_opus and opus.available():
@@ -256,11 +258,11 @@ def report(generator, variables, clips: np.ndarray, *, batch: int = 4, fad: bool
 
   levels = measured['levels']
   bits_per_level = generator.bitrate(1) / 1000.0
-  rows = [Row('input itself', float('nan'), *_score(metric_fn, clips, clips, batch),
+  rows = [Row('input itself', float('nan'), *score(metric_fn, clips, clips, batch),
               fad=fad_of(clips) if fad_of else float('nan'))]
   previous = None
   for name, estimates in systems.items():
-    dist, snr = _score(metric_fn, clips, estimates, batch)
+    dist, snr = score(metric_fn, clips, estimates, batch)
     row = Row(name, float('nan'), dist, snr, fad=fad_of(estimates) if fad_of else float('nan'))
     if name.startswith('levels '):
       n = int(name.split()[1])
