@@ -217,6 +217,8 @@ def multi_scale_mel_loss(target: Array,
                          n_mels: int = 64,
                          alpha: Optional[float] = None,
                          log_eps: float = 1e-5,
+                         linear_weight: float = 1.0,
+                         log_distance: str = 'l2',
                          weights: Optional[Array] = None) -> Array:
   """SoundStream's multi-scale spectral reconstruction loss.
 
@@ -230,6 +232,14 @@ def multi_scale_mel_loss(target: Array,
   `alpha` fixes it. This is SoundStream's sum over scales and frames up to constant factors
   (means instead of sums, and / m_s per frame so scales with fewer bands weigh alike).
 
+  `log_distance='l1'` replaces the log term by DAC's: ||log10(M_s(x)_t + eps) -
+  log10(M_s(x^)_t + eps)||_1 (every band weighs alike, loud or quiet, and the error is not
+  squared away where it is small). With `linear_weight=0`, `alpha=1` and `log_distance='l1'`
+  the loss is DAC's mel loss (mag_weight 0) over these scales, i.e. the quantity that
+  `multi_scale_mel_distance` reports. The linear term favours loud, stationary content; the
+  tiny codec trained on it learned to output the average spectrum and ignore its latent over
+  time (README, codec section).
+
   Args:
     target: [batch, samples] reference waveform.
     estimate: [batch, samples] reconstruction.
@@ -238,22 +248,34 @@ def multi_scale_mel_loss(target: Array,
     n_mels: bands per scale, at most (see mels_for_scale).
     alpha: weight of the log term at every scale; None for SoundStream's sqrt(s / 2).
     log_eps: added before the log; keeps silence finite and its gradient alive.
+    linear_weight: weight of the linear-magnitude L1 term (SoundStream: 1; DAC: 0).
+    log_distance: 'l2' (SoundStream: l2 norm over bands of natural-log ratios) or 'l1'
+      (DAC: l1 over bands of log10 ratios).
     weights: optional [batch] example weights.
 
   Returns:
     A float32 scalar: 0 for identical inputs; its gradient is finite, silence included.
   """
+  if log_distance not in ('l1', 'l2'):
+    raise ValueError(f"multi_scale_mel_loss.log_distance must be 'l1' or 'l2', got "
+                     f'{log_distance!r}')
   both = _stack_pair(target, estimate)
   terms = []
   for n_fft in n_ffts:
     m = mels_for_scale(sample_rate, n_fft, n_mels)
     ref, est = _mel_magnitudes(both, sample_rate, n_fft, m, 'constant')
     a = float(np.sqrt(n_fft / 2.0)) if alpha is None else float(alpha)
-    l1 = jnp.sum(jnp.abs(ref - est), axis=-1)
     # log of the ratio rather than a difference of logs: identical spectra give exactly 0
     # (XLA may round two separately fused logs of the same value differently).
-    l2 = _safe_norm(jnp.log((ref + log_eps) / (est + log_eps)), axis=-1)
-    per_frame = (l1 + a * l2) / m  # [batch, frames]
+    log_ratio = jnp.log((ref + log_eps) / (est + log_eps))
+    if log_distance == 'l2':
+      log_term = _safe_norm(log_ratio, axis=-1)
+    else:
+      log_term = jnp.sum(jnp.abs(log_ratio), axis=-1) / np.log(10.0)
+    per_frame = a * log_term
+    if linear_weight:
+      per_frame = per_frame + linear_weight * jnp.sum(jnp.abs(ref - est), axis=-1)
+    per_frame = per_frame / m  # [batch, frames]
     terms.append(_batch_mean(_per_example_mean(per_frame), weights))
   return _mean_over(terms)
 

@@ -139,6 +139,14 @@ def test_multi_scale_mel_loss_terms_by_hand():
     l2 = np.sqrt(np.square(np.log(mt + 1e-5) - np.log(me + 1e-5)).sum(-1))
     per_example.append(np.mean((l1 + 2.0 * l2) / 64))
   np.testing.assert_allclose(got, np.mean(per_example), rtol=2e-3)
+  # DAC's form: no linear term, mean over bands of |log10 ratio|.
+  got = losses.multi_scale_mel_loss(target, estimate, n_ffts=(256,), alpha=1.0,
+                                    linear_weight=0.0, log_distance='l1')
+  want = np.mean([np.mean(np.abs(np.log10(mel(t) + 1e-5) - np.log10(mel(e) + 1e-5)))
+                  for t, e in zip(target, estimate)])
+  np.testing.assert_allclose(got, want, rtol=2e-3)
+  with pytest.raises(ValueError, match='log_distance'):
+    losses.multi_scale_mel_loss(target, estimate, log_distance='l3')
 
 
 # ---------------------------------------------------------------------------
