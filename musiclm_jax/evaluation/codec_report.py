@@ -78,20 +78,26 @@ class Row:
 # Inputs.
 
 
-def load_codec(path: str) -> tuple[Any, dict[str, Any], str]:
-  """(SoundStream, its variables, a description) of a codec dir, pipeline folder or codec run."""
+def load_codec(path: str, step: Optional[int] = None) -> tuple[Any, dict[str, Any], str]:
+  """(SoundStream, its variables, a description) of a codec dir, pipeline folder or codec run.
+
+  `step` picks a checkpoint of a codec run (default its latest); a frozen folder has one.
+  """
   path = os.path.abspath(os.path.expanduser(path))
   if os.path.isfile(os.path.join(path, 'pipeline.json')):
     with open(os.path.join(path, 'pipeline.json')) as f:
       part = (json.load(f).get('parts') or {}).get('codec', 'codec')
     path = os.path.join(path, part)
   if os.path.isfile(os.path.join(path, export.CODEC_RECORD)):
+    if step is not None:
+      raise CodecReportError(f'--step {step}: {path} is a frozen codec with one set of weights; '
+                             '--step picks a checkpoint of a codec training run')
     generator, variables = export.load_codec_dir(path)
     return generator, variables, f'codec directory {path}'
   if os.path.isfile(os.path.join(path, 'config.gin')):
     # A training run: rebuilt from its operative config (this parses it into gin).
     from musiclm_jax.codec.model import load_codec as load_codec_run  # pylint: disable=g-import-not-at-top
-    model, params, model_state, step = load_codec_run(path)
+    model, params, model_state, step = load_codec_run(path, step)
     return (model.generator, model.generator_variables(params, model_state),
             f'codec run {path} step {step}')
   raise CodecReportError(f'--codec {path}: neither a codec directory ({export.CODEC_RECORD}), '
@@ -380,6 +386,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--codec', required=True,
                       help='codec directory, pipeline folder or codec training run')
+  parser.add_argument('--step', type=int, default=None,
+                      help="a codec run's checkpoint step (default: its latest)")
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument('--audio_dir', help='a folder of audio files (any depth)')
   source.add_argument('--tfds_split', help="the embedded corpus's split, e.g. test")
@@ -395,7 +403,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   try:
     if args.num_clips < 1 or args.batch < 1 or not 0 < args.seconds <= 600:
       raise CodecReportError('--num_clips and --batch must be positive, --seconds in (0, 600]')
-    generator, variables, title = load_codec(args.codec)
+    generator, variables, title = load_codec(args.codec, args.step)
     if STATE_COLLECTION not in variables:
       raise CodecReportError(f'--codec {args.codec}: no RVQ codebooks in its variables')
     rate = int(generator.sample_rate)

@@ -82,3 +82,7 @@ def test_report_refuses_bad_input_in_one_line(tmp_path, capsys):
   assert rc == 2
   assert 'no readable audio file' in capsys.readouterr().err
   assert not os.path.exists(tmp_path / 'out')
+  rc = codec_report.main(['--codec', codec_dir, '--step', '3', '--audio_dir',
+                          str(tmp_path / 'empty'), '--out_dir', str(tmp_path / 'out')])
+  assert rc == 2
+  assert 'is a frozen codec with one set of weights' in capsys.readouterr().err
