@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from musiclm_jax.codec.fourier import FourierDecoder
+from musiclm_jax.codec.fourier import FourierEncoder
 from musiclm_jax.codec.seanet import SEANetDecoder
 from musiclm_jax.codec.seanet import SEANetEncoder
 from musiclm_jax.nn.quantizer import ResidualVectorQuantizer
@@ -54,7 +56,15 @@ class SoundStream(nn.Module):
     residual_kernel_size: taps of the dilated residual convolutions.
     tanh_output: squash the decoder output into (-1, 1).
     activation: 'elu' (SoundStream) or 'snake' (DAC's periodic activation, one learned
-      frequency per channel) in the encoder and the decoder.
+      frequency per channel) in the encoder and the SEANet decoder.
+    encoder_type: 'seanet' (SoundStream's strided convolutions) or 'fourier' (causal STFT
+      features into ConvNeXt blocks at the frame rate; codec/fourier.py).
+    decoder_type: 'seanet' (SoundStream's mirror of the encoder) or 'fourier' (a causal
+      Vocos-style decoder: ConvNeXt blocks at the frame rate predict STFT frames, an inverse FFT
+      makes the waveform; codec/fourier.py).
+    fourier_dim: width of the Fourier encoder's and decoder's blocks.
+    fourier_layers: ConvNeXt blocks of the Fourier encoder and of the Fourier decoder.
+    fourier_stft_hop: their STFT hop (divides the hop length; window 4x).
     num_levels: residual VQ levels N.
     codebook_size: codes per level K.
     commitment_cost: weight of the commitment loss.
@@ -75,6 +85,11 @@ class SoundStream(nn.Module):
   residual_kernel_size: int = 7
   tanh_output: bool = False
   activation: str = 'elu'
+  encoder_type: str = 'seanet'
+  decoder_type: str = 'seanet'
+  fourier_dim: int = 256
+  fourier_layers: int = 8
+  fourier_stft_hop: int = 240
   num_levels: int = 12
   codebook_size: int = 1024
   commitment_cost: float = 0.25
@@ -95,7 +110,16 @@ class SoundStream(nn.Module):
     super().__post_init__()
 
   # ------------------------------------------------------------ structure
-  def _encoder(self, **kwargs) -> SEANetEncoder:
+  def _encoder(self, **kwargs) -> nn.Module:
+    if self.encoder_type == 'fourier':
+      return FourierEncoder(
+          hop_length=self.hop_length, embedding_dim=self.embedding_dim, dim=self.fourier_dim,
+          num_layers=self.fourier_layers, kernel_size=self.kernel_size,
+          stft_hop=self.fourier_stft_hop, dtype=self.dtype, param_dtype=self.param_dtype,
+          **kwargs)
+    if self.encoder_type != 'seanet':
+      raise ValueError(f"SoundStream.encoder_type must be 'seanet' or 'fourier', got "
+                       f'{self.encoder_type!r}')
     return SEANetEncoder(
         channels=self.channels, channel_mults=tuple(self.channel_mults),
         strides=tuple(self.strides), embedding_dim=self.embedding_dim,
@@ -103,7 +127,16 @@ class SoundStream(nn.Module):
         residual_kernel_size=self.residual_kernel_size, activation=self.activation,
         dtype=self.dtype, param_dtype=self.param_dtype, **kwargs)
 
-  def _decoder(self, **kwargs) -> SEANetDecoder:
+  def _decoder(self, **kwargs) -> nn.Module:
+    if self.decoder_type == 'fourier':
+      return FourierDecoder(
+          hop_length=self.hop_length, embedding_dim=self.embedding_dim, dim=self.fourier_dim,
+          num_layers=self.fourier_layers, kernel_size=self.kernel_size,
+          stft_hop=self.fourier_stft_hop, dtype=self.dtype, param_dtype=self.param_dtype,
+          **kwargs)
+    if self.decoder_type != 'seanet':
+      raise ValueError(f"SoundStream.decoder_type must be 'seanet' or 'fourier', got "
+                       f'{self.decoder_type!r}')
     return SEANetDecoder(
         channels=self.channels, channel_mults=tuple(self.channel_mults),
         strides=tuple(self.strides), embedding_dim=self.embedding_dim,

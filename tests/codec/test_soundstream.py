@@ -10,6 +10,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from musiclm_jax.codec import fourier
 from musiclm_jax.codec import seanet
 from musiclm_jax.codec import soundstream
 from musiclm_jax.codec.soundstream import SoundStream
@@ -341,3 +342,80 @@ def test_snake_activation_is_causal_learns_alpha_and_leaves_elu_trees_alone(mode
   with pytest.raises(ValueError, match="activation 'relu' is not one of"):
     SoundStream(**TINY, activation='relu').init({'params': jax.random.key(0)}, audio,
                                                  train=False)
+
+
+def test_fourier_encoder_and_decoder_are_causal_chunk_exactly_and_shard():
+  """The STFT encoder and Vocos-style decoder: exact receptive fields, a causal codec, exact
+  chunking, mesh specs."""
+  dec = fourier.FourierDecoder(hop_length=HOP, embedding_dim=2, dim=8, num_layers=2)
+  assert dec.n_fft == 960 and dec.subframes == 2
+  assert dec.context_frames == 6 * 3 + 2  # 3 convolutions of 7 taps, 3 overlapping STFT hops
+  z = jax.random.normal(jax.random.key(1), (1, 30, 2))
+  vd = dec.init(jax.random.key(0), z)
+  g = jax.jit(jax.grad(lambda z: dec.apply(vd, z)[0, 29 * HOP:30 * HOP].sum()))(z)[0]
+  hit = np.nonzero(np.abs(np.asarray(g)).sum(-1))[0]
+  assert hit.max() == 29 and 29 - hit.min() == dec.context_frames
+  # The inverse STFT by hand: one frame of known spectrum lands, windowed, at its own hop.
+  frames = np.zeros((1, 3, 960), np.float32)
+  frames[0, 1] = np.fft.irfft(np.arange(481) % 7, n=960) * fourier.hann_window(960)
+  ola = np.asarray(fourier.overlap_add(jnp.asarray(frames), 240))
+  np.testing.assert_allclose(ola[0, 240:], frames[0, 1, :480], atol=1e-7)
+  assert np.all(ola[0, :240] == 0)
+
+  enc = fourier.FourierEncoder(hop_length=HOP, embedding_dim=2, dim=8, num_layers=2)
+  assert enc.receptive_field == HOP * (1 + 6 * 2) + 3 * 240 and enc.context_frames == 14
+  x = jnp.asarray(_audio(1, 20 * HOP))
+  ve = enc.init(jax.random.key(0), x)
+  g = jax.jit(jax.grad(lambda x: enc.apply(ve, x)[0, 19].sum()))(x)[0]
+  hit = np.nonzero(np.asarray(g))[0]
+  # (The periodic Hann window's first tap is 0: the earliest sample counts, with weight 0.)
+  assert hit.max() == 20 * HOP - 1 and 20 * HOP - hit.min() == enc.receptive_field - 1
+  # The causal STFT by hand: frame f is the windowed samples [(f - 3) hop, (f + 1) hop).
+  stft = np.asarray(fourier.causal_stft(x, 240))
+  assert stft.shape == (1, 40, 481)
+  np.testing.assert_allclose(stft[0, 5], np.fft.rfft(np.asarray(x)[0, 480:1440] *
+                                                     fourier.hann_window(960)), atol=1e-4)
+
+  model = SoundStream(**TINY, encoder_type='fourier', decoder_type='fourier', fourier_dim=8,
+                      fourier_layers=1)
+  assert model.decoder_context_frames == 6 * 2 + 2 and model.encoder_context_frames == 8
+  audio = _audio()
+  variables = jax.jit(lambda a: model.init({'params': jax.random.key(0)}, a,
+                                           train=False))(audio)
+  assert 'stft_head' in variables['params']['decoder']
+  forward = jax.jit(lambda v, a: model.apply(v, a, train=False))
+  cut = 10 * HOP
+  late = audio.copy()
+  late[:, cut:] += 1.0
+  a, b = forward(variables, audio), forward(variables, late)
+  assert a['audio'].shape == audio.shape
+  np.testing.assert_allclose(a['audio'][:, :cut], b['audio'][:, :cut], atol=1e-6)
+  assert np.abs(a['audio'][:, cut:] - b['audio'][:, cut:]).max() > 1e-4
+  codes = np.asarray(a['codes'])
+  whole = np.asarray(jax.jit(lambda v, c: model.apply(v, c, method=SoundStream.decode))(
+      variables, codes))
+  chunked = np.asarray(soundstream.decode_chunked(model, variables, codes, chunk_frames=7))
+  np.testing.assert_allclose(chunked, whole, rtol=1e-4, atol=1e-5)
+  chunked = np.asarray(soundstream.encode_chunked(model, variables, audio, chunk_seconds=0.1))
+  assert np.mean(chunked == codes) > 0.99
+  # Every decoder parameter gets a spec that divides a 2x2x2 mesh.
+  partitioner = Partitioner(mesh_shape=(2, 2, 2))
+  with partitioner.context():
+    abstract = jax.eval_shape(lambda: SoundStream(encoder_type='fourier',
+                                                  decoder_type='fourier').init(
+        {'params': jax.random.key(0)}, jnp.zeros((2, 960)), train=False))
+  specs = partitioner.mesh_specs_from_boxed(abstract)
+  for spec, shape in zip(jax.tree_util.tree_leaves(specs, is_leaf=lambda x: isinstance(x, P)),
+                         jax.tree_util.tree_leaves(nn.unbox(abstract))):
+    for dim, axes in zip(shape.shape, spec):
+      axes = (axes,) if isinstance(axes, str) else (axes or ())
+      assert dim % math.prod(partitioner.mesh.shape[a] for a in axes) == 0
+  with pytest.raises(ValueError, match='stft_hop=250 must divide'):
+    fourier.FourierDecoder(hop_length=HOP, embedding_dim=2, stft_hop=250).init(
+        jax.random.key(0), z)
+  with pytest.raises(ValueError, match="encoder_type must be 'seanet' or 'fourier'"):
+    SoundStream(**TINY, encoder_type='stft').init({'params': jax.random.key(0)}, audio,
+                                                  train=False)
+  with pytest.raises(ValueError, match="decoder_type must be 'seanet' or 'fourier'"):
+    SoundStream(**TINY, decoder_type='vocos').init({'params': jax.random.key(0)}, audio,
+                                                   train=False)
