@@ -73,6 +73,7 @@ class SoundStream(nn.Module):
     kmeans_iters: Lloyd iterations of that k-means.
     dead_code_threshold: EMA cluster size under which a code is restarted.
     quantizer_dropout: sample 1..N levels per example in training.
+    quantizer_dropout_prob: the fraction of examples that sample; the rest use all N levels.
     sample_rate: audio sample rate in Hz (informational: frame_rate, bitrate).
     dtype: compute dtype of the convolutions (quantization is float32).
     param_dtype: parameter dtype.
@@ -98,6 +99,7 @@ class SoundStream(nn.Module):
   kmeans_iters: int = 10
   dead_code_threshold: float = 2.0
   quantizer_dropout: bool = True
+  quantizer_dropout_prob: float = 1.0
   sample_rate: int = 24000
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -153,7 +155,8 @@ class SoundStream(nn.Module):
         ema_decay=self.ema_decay, kmeans_init=self.kmeans_init,
         kmeans_iters=self.kmeans_iters,
         dead_code_threshold=self.dead_code_threshold,
-        quantizer_dropout=self.quantizer_dropout, dtype=jnp.float32,
+        quantizer_dropout=self.quantizer_dropout,
+        quantizer_dropout_prob=self.quantizer_dropout_prob, dtype=jnp.float32,
         param_dtype=self.param_dtype)
     self.decoder = self._decoder()
 

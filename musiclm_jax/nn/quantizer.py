@@ -119,6 +119,9 @@ class ResidualVectorQuantizer(nn.Module):
     quantizer_dropout: in training, sample per example a number of levels
       n_q uniformly in [1, N] (N = `n_levels` when given) and use only the
       first n_q levels for that example.
+    quantizer_dropout_prob: with quantizer dropout, the fraction of examples
+      that draw n_q; the others use all N levels (DAC: 0.5), so the decoder
+      learns what every level adds instead of seeing N levels 1/N of the time.
     dtype: dtype of the returned `quantized` (distances and EMA statistics
       are always float32).
     param_dtype: dtype of the state arrays.
@@ -134,6 +137,7 @@ class ResidualVectorQuantizer(nn.Module):
   kmeans_iters: int = 10
   dead_code_threshold: float = 2.0
   quantizer_dropout: bool = False
+  quantizer_dropout_prob: float = 1.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   codebook_init: Initializer = nn.initializers.normal(stddev=1.0)
@@ -213,6 +217,10 @@ class ResidualVectorQuantizer(nn.Module):
       was_initialized = self.initialized.value
       if self.quantizer_dropout:
         n_active = jax.random.randint(dropout_rng, (batch,), 1, levels + 1)
+        if self.quantizer_dropout_prob < 1.0:
+          drawn = jax.random.bernoulli(jax.random.fold_in(dropout_rng, 1),
+                                       self.quantizer_dropout_prob, (batch,))
+          n_active = jnp.where(drawn, n_active, levels)
         if self.kmeans_init:
           # The k-means batch must reach every level to initialise them all.
           n_active = jnp.where(jnp.all(was_initialized[:levels]), n_active,

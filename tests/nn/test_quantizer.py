@@ -254,3 +254,20 @@ def test_sharded_training_step_matches_unsharded():
   np.testing.assert_array_equal(out['codes'], reference['codes'])
   np.testing.assert_allclose(_codebook(new_vars), _codebook(reference_vars),
                              atol=1e-5)
+
+
+def test_quantizer_dropout_prob_keeps_every_level_for_the_rest():
+  levels = 4
+  x = jax.random.normal(jax.random.key(0), (64, 2, 4))
+  full = {}
+  for prob in (1.0, 0.25):
+    model = rvq.ResidualVectorQuantizer(num_levels=levels, codebook_size=8, dim=4,
+                                        quantizer_dropout=True, quantizer_dropout_prob=prob)
+    init, train, _ = _make(model)
+    _, variables = train(init(x), x, jax.random.key(1))  # the k-means batch
+    counts = np.concatenate([np.asarray(train(variables, x, jax.random.key(10 + i))[0][
+        'num_active_levels']) for i in range(4)])
+    assert counts.min() >= 1 and counts.max() == levels and counts.min() < levels
+    full[prob] = np.mean(counts == levels)
+  # All levels: 1/4 of the examples when every example draws; 3/4 + 1/4 * 1/4 when a quarter do.
+  assert 0.15 < full[1.0] < 0.35 and 0.72 < full[0.25] < 0.9, full
