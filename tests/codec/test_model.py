@@ -28,7 +28,8 @@ TEST_BINDINGS = [
     'SoundStream.embedding_dim = 16', 'SoundStream.num_levels = 4',
     'SoundStream.codebook_size = 32', 'STFTDiscriminator.channels = 4',
     'CodecModel.eval_levels = (1, 4)', 'CodecModel.adversarial_start_step = 10',
-    'CodecModel.adversarial_ramp_steps = 5']
+    'CodecModel.adversarial_ramp_steps = 5', 'SoundStream.fourier_dim = 16',
+    'SoundStream.fourier_layers = 1']
 
 
 @pytest.fixture(autouse=True)
