@@ -1,6 +1,12 @@
 """SoundStream encode / decode speed on this machine: 10 s of 24 kHz audio, jitted, after warm-up.
 
   .venv/bin/python benchmarks/codec_speed.py [--repeats 3] [--seconds 10] [--channels 16 32 37]
+      [--fourier 192x6 368x8]
+
+`--channels`: SEANet codecs of those base widths (SoundStream's architecture). `--fourier DxL`:
+the Fourier encoder and decoder (codec/fourier.py) of width D and L ConvNeXt blocks each, with
+the tiny codec's 16-dimensional latent (192x6 is models/codec/tiny.gin; 368x8 has EnCodec's
+parameter count).
 
 One clip (batch 1), all 12 RVQ levels of 1024 codes; times are medians over `repeats` calls
 after a warm-up call (compilation excluded). Parameters count the encoder and decoder (the
@@ -41,13 +47,21 @@ def gflops(jitted, *args) -> float:
   return float(cost.get('flops', float('nan'))) / 1e9
 
 
-def measure(channels: int, seconds: float = 10.0, repeats: int = 3) -> dict:
-  """Encode and decode times of one `seconds`-long clip with `SoundStream(channels=...)`.
+def fourier_codec(dim: int, layers: int) -> SoundStream:
+  """The Fourier encoder / decoder codec of models/codec/tiny.gin with other widths."""
+  return SoundStream(encoder_type='fourier', decoder_type='fourier', fourier_dim=dim,
+                     fourier_layers=layers, embedding_dim=16)
+
+
+def measure(channels: int, seconds: float = 10.0, repeats: int = 3,
+            model: SoundStream = None) -> dict:
+  """Encode and decode times of one `seconds`-long clip with `SoundStream(channels=...)`
+  (or with `model` when given).
 
   Returns a dict: params (encoder and decoder), encode_s and decode_s (medians over `repeats`
   jitted calls after a warm-up call), encode_gflop and decode_gflop (XLA's counts).
   """
-  model = SoundStream(channels=channels)
+  model = SoundStream(channels=channels) if model is None else model
   samples = int(seconds * model.sample_rate)
   audio = jnp.asarray(np.random.default_rng(0).standard_normal((1, samples)) * 0.1,
                       jnp.float32)
@@ -69,12 +83,17 @@ def main_():
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--seconds', type=float, default=10.0)
-  parser.add_argument('--channels', type=int, nargs='+', default=[16, 32, 37])
+  parser.add_argument('--channels', type=int, nargs='*', default=[16, 32, 37])
+  parser.add_argument('--fourier', nargs='*', default=[], metavar='DxL')
   args = parser.parse_args()
+  configs = [(f'channels={c}', SoundStream(channels=c)) for c in args.channels]
+  for spec in args.fourier:
+    dim, layers = (int(x) for x in spec.split('x'))
+    configs.append((f'fourier {spec}', fourier_codec(dim, layers)))
   rows = []
-  for channels in args.channels:
-    m = measure(channels, args.seconds, args.repeats)
-    rows.append((f'channels={channels}', m['params'], m['encode_gflop'], m['encode_s'],
+  for name, model in configs:
+    m = measure(0, args.seconds, args.repeats, model=model)
+    rows.append((name, m['params'], m['encode_gflop'], m['encode_s'],
                  m['decode_gflop'], m['decode_s']))
   print(f'SoundStream, {args.seconds:g} s at 24 kHz, 12 x 1024 RVQ (6 kbps), batch 1; '
         f'{jax.devices()[0].platform}, {os.cpu_count()} CPU cores, {jax.device_count()} devices')

@@ -20,7 +20,8 @@ Lines (each ratio is ours / peer, both measured in this run, at the same shapes)
           (benchmarks/peers/audiolm_sample.py). Median of --repeats calls after one warm-up.
   codec   --seconds of 24 kHz audio, batch 1, at 6 kbps: encode and decode, x real time (clip
           seconds / compute seconds). Ours: `codec_speed.measure`, SoundStream with --channels
-          (37: 14.6M parameters, the nearest to EnCodec's 14.9M), 12 x 1024 RVQ at 50 Hz. Peer:
+          (37: 14.6M parameters, the nearest to EnCodec's 14.9M), or with --fourier DxL the
+          Fourier encoder/decoder codec (368x8: 14.8M), 12 x 1024 RVQ at 50 Hz. Peer:
           EnCodec 24 kHz with random weights at 6 kbps (8 x 1024 RVQ at 75 Hz)
           (benchmarks/peers/encodec_codec.py). Median of --repeats calls after one warm-up.
 
@@ -108,7 +109,11 @@ def peer_sample(args) -> dict:
 
 
 def ours_codec(args) -> dict:
-  row = codec_speed.measure(args.channels, args.seconds, args.repeats)
+  model = None
+  if args.fourier:
+    dim, layers = (int(x) for x in args.fourier.split('x'))
+    model = codec_speed.fourier_codec(dim, layers)
+  row = codec_speed.measure(args.channels, args.seconds, args.repeats, model=model)
   return {'encode': args.seconds / row['encode_s'], 'decode': args.seconds / row['decode_s'],
           'params': row['params']}
 
@@ -164,6 +169,9 @@ def main():
   parser.add_argument('--seconds', type=float, default=10.0, help='codec clip length')
   parser.add_argument('--channels', type=int, default=37,
                       help="our SoundStream's base channels (37: 14.6M parameters)")
+  parser.add_argument('--fourier', default='', metavar='DxL',
+                      help='time our Fourier encoder/decoder codec of width D, L blocks instead '
+                           '(368x8: 14.8M parameters; 192x6: models/codec/tiny.gin)')
   parser.add_argument('--repeats', type=int, default=5,
                       help='timed steps / calls per side per round (median)')
   parser.add_argument('--rounds', type=int, default=1, help='ours/peer alternations per line')
@@ -203,7 +211,9 @@ def main():
                  'EnCodec 24 kHz'))
     rows.append(('codec decode, x real time', shape, ours['decode'], peer['decode'],
                  'EnCodec 24 kHz'))
-    notes.append(f'codec: ours SoundStream(channels={args.channels}) '
+    ours_name = (f'Fourier codec {args.fourier}' if args.fourier else
+                 f'SoundStream(channels={args.channels})')
+    notes.append(f'codec: ours {ours_name} '
                  f'{ours["params"] / 1e6:.2f}M parameters, EnCodec {peer["params"] / 1e6:.2f}M '
                  f'({ours["params"] / peer["params"] - 1:+.1%})')
   load_after = os.getloadavg()
