@@ -88,6 +88,22 @@ class CausalConvNeXtBlock(nn.Module):
                                       ('batch', 'length', 'embed'))
 
 
+def _check_stft_hop(owner: str, stft_hop: int, hop_length: int) -> None:
+  if stft_hop < 1 or hop_length % stft_hop:
+    raise ValueError(f'{owner}: stft_hop={stft_hop} must divide the hop length {hop_length}')
+
+
+def _convnext_stack(x: Array, dim: int, num_layers: int, kernel_size: int, **kw) -> Array:
+  """`num_layers` causal ConvNeXt blocks (block_i) and a LayerNorm (output_norm), called inside
+  the owning module's compact __call__, so the submodules are the caller's."""
+  for i in range(num_layers):
+    x = CausalConvNeXtBlock(dim, kernel_size, layer_scale=1.0 / num_layers, name=f'block_{i}',
+                            **kw)(x)
+  return nn.LayerNorm(name='output_norm', **kw,
+                      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
+                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)))(x)
+
+
 def overlap_add(frames: Array, hop: int) -> Array:
   """Causal overlap-add: [batch, F, n * hop] -> [batch, F * hop].
 
@@ -162,9 +178,7 @@ class FourierDecoder(nn.Module):
   @nn.compact
   def __call__(self, z: Array) -> Array:
     """Decodes [batch, frames, D] into float32 audio [batch, frames * hop_length]."""
-    if self.stft_hop < 1 or self.hop_length % self.stft_hop:
-      raise ValueError(f'FourierDecoder: stft_hop={self.stft_hop} must divide the hop length '
-                       f'{self.hop_length}')
+    _check_stft_hop('FourierDecoder', self.stft_hop, self.hop_length)
     if z.ndim != 3 or z.shape[-1] != self.embedding_dim:
       raise ValueError(f'expected [batch, frames, {self.embedding_dim}], got {z.shape}')
     batch, frames, _ = z.shape
@@ -172,12 +186,7 @@ class FourierDecoder(nn.Module):
     x = nn.with_logical_constraint(z.astype(self.dtype), ('batch', 'length', 'embed'))
     x = CausalConv1d(self.dim, self.kernel_size, kernel_axes=('conv_width', 'conv_in', 'embed'),
                      name='input_conv', **kw)(x)
-    for i in range(self.num_layers):
-      x = CausalConvNeXtBlock(self.dim, self.kernel_size, layer_scale=1.0 / self.num_layers,
-                              name=f'block_{i}', **kw)(x)
-    x = nn.LayerNorm(name='output_norm', **kw,
-                     scale_init=nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
-                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)))(x)
+    x = _convnext_stack(x, self.dim, self.num_layers, self.kernel_size, **kw)
     bins = self.n_fft // 2 + 1
     u = self.subframes
     head = nn.Dense(u * 2 * bins, dtype=jnp.float32, param_dtype=self.param_dtype,
@@ -252,9 +261,7 @@ class FourierEncoder(nn.Module):
 
   @nn.compact
   def __call__(self, audio: Array) -> Array:
-    if self.stft_hop < 1 or self.hop_length % self.stft_hop:
-      raise ValueError(f'FourierEncoder: stft_hop={self.stft_hop} must divide the hop length '
-                       f'{self.hop_length}')
+    _check_stft_hop('FourierEncoder', self.stft_hop, self.hop_length)
     batch, samples = audio.shape
     if samples % self.hop_length:
       raise ValueError(f'FourierEncoder: {samples} samples are not whole hops of '
@@ -272,12 +279,7 @@ class FourierEncoder(nn.Module):
                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)),
                  name='input_proj', **kw)(features.astype(self.dtype))
     x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
-    for i in range(self.num_layers):
-      x = CausalConvNeXtBlock(self.dim, self.kernel_size, layer_scale=1.0 / self.num_layers,
-                              name=f'block_{i}', **kw)(x)
-    x = nn.LayerNorm(name='output_norm', **kw,
-                     scale_init=nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
-                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)))(x)
+    x = _convnext_stack(x, self.dim, self.num_layers, self.kernel_size, **kw)
     z = nn.Dense(self.embedding_dim, kernel_init=nn.with_logical_partitioning(
         nn.initializers.lecun_normal(), ('embed', 'conv_out')),
                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('conv_out',)),
