@@ -124,7 +124,28 @@ def hann_window(n: int) -> np.ndarray:
   return (0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(n) / n)).astype(np.float32)
 
 
-class FourierDecoder(nn.Module):
+class _FourierCodecNet(nn.Module):
+  """The fields the Fourier encoder and decoder share (see each for what they mean there)."""
+  hop_length: int
+  embedding_dim: int
+  dim: int = 256
+  num_layers: int = 8
+  kernel_size: int = 7
+  stft_hop: int = 240
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @property
+  def n_fft(self) -> int:
+    return OVERLAP * self.stft_hop
+
+  @property
+  def subframes(self) -> int:
+    """STFT frames per latent frame."""
+    return self.hop_length // self.stft_hop
+
+
+class FourierDecoder(_FourierCodecNet):
   """Causal Vocos-style decoder: [batch, frames, D] -> audio [batch, frames * hop_length].
 
   Causal input convolution (kernel_size taps) to `dim` -> `num_layers` causal ConvNeXt blocks
@@ -143,23 +164,6 @@ class FourierDecoder(nn.Module):
     dtype: compute dtype of the blocks (the FFT runs in float32).
     param_dtype: parameter dtype.
   """
-  hop_length: int
-  embedding_dim: int
-  dim: int = 256
-  num_layers: int = 8
-  kernel_size: int = 7
-  stft_hop: int = 240
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @property
-  def n_fft(self) -> int:
-    return OVERLAP * self.stft_hop
-
-  @property
-  def subframes(self) -> int:
-    """STFT frames per latent frame."""
-    return self.hop_length // self.stft_hop
 
   @property
   def context_frames(self) -> int:
@@ -220,7 +224,7 @@ def causal_stft(audio: Array, hop: int) -> Array:
   return jnp.fft.rfft(windows * hann_window(OVERLAP * hop), axis=-1)
 
 
-class FourierEncoder(nn.Module):
+class FourierEncoder(_FourierCodecNet):
   """Causal STFT encoder: audio [batch, frames * hop_length] -> [batch, frames, D] float32.
 
   causal_stft (hop stft_hop, window 4 stft_hop) -> per bin log(|S| + 1e-5) and the power-law
@@ -239,14 +243,6 @@ class FourierEncoder(nn.Module):
     dtype: compute dtype of the blocks (the FFT runs in float32).
     param_dtype: parameter dtype.
   """
-  hop_length: int
-  embedding_dim: int
-  dim: int = 256
-  num_layers: int = 8
-  kernel_size: int = 7
-  stft_hop: int = 240
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @property
   def receptive_field(self) -> int:

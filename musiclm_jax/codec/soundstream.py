@@ -112,13 +112,16 @@ class SoundStream(nn.Module):
     super().__post_init__()
 
   # ------------------------------------------------------------ structure
+  def _fourier_fields(self) -> Dict[str, Any]:
+    """The Fourier encoder's and decoder's settings (codec/fourier.py)."""
+    return dict(hop_length=self.hop_length, embedding_dim=self.embedding_dim,
+                dim=self.fourier_dim, num_layers=self.fourier_layers,
+                kernel_size=self.kernel_size, stft_hop=self.fourier_stft_hop,
+                dtype=self.dtype, param_dtype=self.param_dtype)
+
   def _encoder(self, **kwargs) -> nn.Module:
     if self.encoder_type == 'fourier':
-      return FourierEncoder(
-          hop_length=self.hop_length, embedding_dim=self.embedding_dim, dim=self.fourier_dim,
-          num_layers=self.fourier_layers, kernel_size=self.kernel_size,
-          stft_hop=self.fourier_stft_hop, dtype=self.dtype, param_dtype=self.param_dtype,
-          **kwargs)
+      return FourierEncoder(**self._fourier_fields(), **kwargs)
     if self.encoder_type != 'seanet':
       raise ValueError(f"SoundStream.encoder_type must be 'seanet' or 'fourier', got "
                        f'{self.encoder_type!r}')
@@ -131,11 +134,7 @@ class SoundStream(nn.Module):
 
   def _decoder(self, **kwargs) -> nn.Module:
     if self.decoder_type == 'fourier':
-      return FourierDecoder(
-          hop_length=self.hop_length, embedding_dim=self.embedding_dim, dim=self.fourier_dim,
-          num_layers=self.fourier_layers, kernel_size=self.kernel_size,
-          stft_hop=self.fourier_stft_hop, dtype=self.dtype, param_dtype=self.param_dtype,
-          **kwargs)
+      return FourierDecoder(**self._fourier_fields(), **kwargs)
     if self.decoder_type != 'seanet':
       raise ValueError(f"SoundStream.decoder_type must be 'seanet' or 'fourier', got "
                        f'{self.decoder_type!r}')
