@@ -73,6 +73,7 @@ class DecodeState:
     guided: static, whether rows hold [cond; uncond] pairs.
     filtering: static, whether top-k / top-p are applied (False when disabled everywhere).
     greedy: static, whether every row has temperature 0 (no random draws at all).
+    top_k_bound: static, `sampling.top_k_bound_for` the rows' top-k (0: rank the vocabulary).
     max_steps: static, how many tokens the cache grows to have room for.
     prompt_length: static, the prompt length P (the cache's first positions).
     packed: static, whether the cache is packed (it is, unless sharded by a partitioner).
@@ -90,6 +91,7 @@ class DecodeState:
   guided: bool = flax.struct.field(pytree_node=False, default=False)
   filtering: bool = flax.struct.field(pytree_node=False, default=True)
   greedy: bool = flax.struct.field(pytree_node=False, default=False)
+  top_k_bound: int = flax.struct.field(pytree_node=False, default=0)
   max_steps: int = flax.struct.field(pytree_node=False, default=0)
   prompt_length: int = flax.struct.field(pytree_node=False, default=0)
   packed: bool = flax.struct.field(pytree_node=False, default=False)
@@ -174,7 +176,7 @@ def _forward(model: transformer.Decoder, params: PyTree, cache: PyTree, tokens: 
 
 def _start_impl(params, prompt_rows, segment_ids, keys, temperature, top_k, top_p,
                 guidance_scale, vocab_mask, phase, *, model, max_steps, cache_length, packed,
-                guided, filtering, greedy, sharding) -> DecodeState:
+                guided, filtering, greedy, top_k_bound, sharding) -> DecodeState:
   with _rules_context(sharding):
     model, params = transformer.unroll_layers(model, params)
     rows, prompt_length = prompt_rows.shape
@@ -187,7 +189,8 @@ def _start_impl(params, prompt_rows, segment_ids, keys, temperature, top_k, top_
         cache=cache, logits=logits, step=jnp.zeros((), jnp.int32), keys=keys,
         temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale,
         vocab_mask=vocab_mask, phase=phase, guided=guided, filtering=filtering,
-        greedy=greedy, max_steps=max_steps, prompt_length=prompt_length, packed=packed)
+        greedy=greedy, top_k_bound=top_k_bound, max_steps=max_steps,
+        prompt_length=prompt_length, packed=packed)
 
 
 def _choose(state: DecodeState, logits: Array) -> Array:
@@ -203,7 +206,8 @@ def _choose(state: DecodeState, logits: Array) -> Array:
   step_keys = None if state.greedy else jax.vmap(jax.random.fold_in, in_axes=(0, None))(
       state.keys, state.step)
   return sampling.sample(step_keys, scores, state.temperature, state.top_k, state.top_p,
-                         allowed[None, :], filtering=state.filtering, greedy=state.greedy)
+                         allowed[None, :], filtering=state.filtering, greedy=state.greedy,
+                         top_k_bound=state.top_k_bound)
 
 
 def _steps_impl(params, state: DecodeState, tokens: Array, stop: Array, *, model, sharding
@@ -256,7 +260,7 @@ def _window_impl(tokens: Array, start: Array, *, size, sharding) -> Array:
 _start_jit = jax.jit(
     _start_impl,
     static_argnames=('model', 'max_steps', 'cache_length', 'packed', 'guided', 'filtering',
-                     'greedy', 'sharding'))
+                     'greedy', 'top_k_bound', 'sharding'))
 # The state (mostly the cache) is donated: each stretch of steps updates it in place.
 _steps_jit = jax.jit(_steps_impl, static_argnames=('model', 'sharding'),
                      donate_argnames=('state', 'tokens'))
@@ -443,8 +447,9 @@ def _prepare_inputs(model, prompt, max_steps, rng, temperature, top_k, top_p, vo
       top_k=per_row(top_k, jnp.int32), top_p=per_row(top_p, jnp.float32),
       guidance_scale=per_row(guidance_scale, jnp.float32),
       vocab_mask=jnp.asarray(vocab_mask), phase=jnp.asarray(phase, jnp.int32))
+  top_k_bound = sampling.top_k_bound_for(top_k_values, vocab)
   return rows, segment_ids, args, max_steps, dict(guided=guided, filtering=filtering,
-                                                  greedy=greedy)
+                                                  greedy=greedy, top_k_bound=top_k_bound)
 
 
 def _run(model, params, rows, segment_ids, args, max_steps, flags, *, partitioner,

@@ -67,7 +67,8 @@ def per_row(value: ArrayLike, batch: int, dtype) -> Array:
   return value
 
 
-def _filter(log_probs: Array, temperature: Array, top_k: Array, top_p: Array) -> Array:
+def _filter(log_probs: Array, temperature: Array, top_k: Array, top_p: Array,
+            top_k_bound: int = 0) -> Array:
   """Tempered log-probabilities with the ids removed by top-k and top-p at -inf.
 
   Args:
@@ -75,6 +76,10 @@ def _filter(log_probs: Array, temperature: Array, top_k: Array, top_p: Array) ->
     temperature: [batch]; rows at 0 are divided by 1 (their caller takes the argmax).
     top_k: [batch] int, 0 = no limit.
     top_p: [batch], 1 = no limit.
+    top_k_bound: static; 0 ranks the whole vocabulary (a sort). K > 0 is the caller's promise
+      that every row's top_k is in [1, K]: then only the K best ids are ranked
+      (`lax.top_k`, a partial selection instead of a sort of the vocabulary). Top-p acts on
+      what top-k leaves, so it never needs more than those K.
 
   Returns:
     [batch, vocab] in vocabulary order.
@@ -82,20 +87,30 @@ def _filter(log_probs: Array, temperature: Array, top_k: Array, top_p: Array) ->
   batch, vocab = log_probs.shape
   safe_t = jnp.where(temperature > 0, temperature, 1.0)
   logits = log_probs / safe_t[:, None]
-  # Rank ids by descending value, ties by ascending id (a stable sort of the negated values),
-  # so that "the top k" is always exactly k ids.
   ids = lax.broadcasted_iota(jnp.int32, (batch, vocab), 1)
-  neg_sorted, sorted_ids = lax.sort((-logits, ids), dimension=1, num_keys=1, is_stable=True)
-  sorted_logits = -neg_sorted
-  num_k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-  in_top_k = ids < num_k[:, None]  # ids doubles as the rank here
+  if top_k_bound > 0:
+    # lax.top_k returns the K largest in descending order, equal values by ascending index:
+    # the same ranking as the stable sort below, cut at K.
+    width = min(int(top_k_bound), vocab)
+    sorted_logits, sorted_ids = lax.top_k(logits, width)
+    sorted_ids = sorted_ids.astype(jnp.int32)
+    num_k = jnp.clip(top_k, 1, width)
+  else:
+    # Rank ids by descending value, ties by ascending id (a stable sort of the negated
+    # values), so that "the top k" is always exactly k ids.
+    width = vocab
+    neg_sorted, sorted_ids = lax.sort((-logits, ids), dimension=1, num_keys=1, is_stable=True)
+    sorted_logits = -neg_sorted
+    num_k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+  rank = lax.broadcasted_iota(jnp.int32, (batch, width), 1)
+  in_top_k = rank < num_k[:, None]
   # Nucleus on the distribution left by temperature and top-k: the smallest prefix whose
   # probability reaches top_p, i.e. the ids whose predecessors sum to less than top_p (an
   # exclusive cumulative sum never decreases, so this is a prefix).
   probs = jax.nn.softmax(jnp.where(in_top_k, sorted_logits, -jnp.inf), axis=-1)
   before = jnp.concatenate([jnp.zeros((batch, 1), probs.dtype),
                             jnp.cumsum(probs, axis=-1)[:, :-1]], axis=-1)
-  num_p = jnp.where(top_p >= 1.0, vocab, jnp.sum(before < top_p[:, None], axis=-1))
+  num_p = jnp.where(top_p >= 1.0, width, jnp.sum(before < top_p[:, None], axis=-1))
   # At least the most probable id survives (top_p <= 0 acts as greedy).
   keep = jnp.maximum(jnp.minimum(num_k, num_p), 1)
   # The kept set is a prefix of the sorted order; express its end as a (value, id) threshold
@@ -121,7 +136,8 @@ def _prepare(logits: Array, temperature: ArrayLike, top_k: ArrayLike, top_p: Arr
 
 
 def filter_logits(logits: Array, temperature: ArrayLike = 1.0, top_k: ArrayLike = 0,
-                  top_p: ArrayLike = 1.0, allowed: Optional[Array] = None) -> Array:
+                  top_p: ArrayLike = 1.0, allowed: Optional[Array] = None, *,
+                  top_k_bound: int = 0) -> Array:
   """The logits `sample` draws from, in vocabulary order, removed ids at -inf.
 
   Applied in this order: log-softmax, the allowed mask, division by the temperature, top-k,
@@ -136,16 +152,36 @@ def filter_logits(logits: Array, temperature: ArrayLike = 1.0, top_k: ArrayLike 
     top_p: scalar or [batch] in (0, 1]; keep the smallest set of most probable ids whose
       probability reaches top_p; 1 keeps all; <= 0 keeps only the most probable id.
     allowed: optional bool [vocab] or [batch, vocab]; false ids are never kept.
+    top_k_bound: static; K > 0 promises that every row's top_k is in [1, K] and ranks only
+      the K best ids (`lax.top_k`) instead of sorting the vocabulary: the same result, cheaper
+      (`top_k_bound_for` picks K from the host's settings). 0: sort.
 
   Returns:
     [batch, vocab] float32 tempered log-probabilities, -inf outside the kept set.
   """
-  return _filter(*_prepare(logits, temperature, top_k, top_p, allowed))
+  return _filter(*_prepare(logits, temperature, top_k, top_p, allowed),
+                 top_k_bound=top_k_bound)
+
+
+def top_k_bound_for(top_k: Optional[np.ndarray], vocab_size: int) -> int:
+  """The static `top_k_bound` for top-k settings seen on the host (0 when a sort is needed).
+
+  Every row must limit top-k (a row at 0, or settings the host cannot see, needs the whole
+  vocabulary ranked for its top-p). The bound is rounded up to a power of two, so nearby
+  settings share one compiled function.
+  """
+  if top_k is None:
+    return 0
+  values = np.asarray(top_k).reshape(-1)
+  if values.size == 0 or np.any(values <= 0):
+    return 0
+  bound = 1 << int(np.max(values) - 1).bit_length()
+  return 0 if bound >= vocab_size else bound
 
 
 def sample(keys: Optional[Array], logits: Array, temperature: ArrayLike = 1.0,
            top_k: ArrayLike = 0, top_p: ArrayLike = 1.0, allowed: Optional[Array] = None, *,
-           filtering: bool = True, greedy: bool = False) -> Array:
+           filtering: bool = True, greedy: bool = False, top_k_bound: int = 0) -> Array:
   """Draws one id per row: categorical over `filter_logits`, argmax where temperature == 0.
 
   Args:
@@ -158,6 +194,7 @@ def sample(keys: Optional[Array], logits: Array, temperature: ArrayLike = 1.0,
       gives the same draws as True.
     greedy: True skips the random draw (`keys` may be None): a static shortcut for callers
       that know every row's temperature is 0, which then gives the same ids as False.
+    top_k_bound: as in `filter_logits` (static).
 
   Returns:
     int32 [batch] ids; always allowed ids when `allowed` allows at least one per row.
@@ -170,7 +207,7 @@ def sample(keys: Optional[Array], logits: Array, temperature: ArrayLike = 1.0,
     raise ValueError(f'expected {log_probs.shape[0]} keys, got '
                      f'{None if keys is None else keys.shape}')
   if filtering:
-    tempered = _filter(log_probs, temperature, top_k, top_p)
+    tempered = _filter(log_probs, temperature, top_k, top_p, top_k_bound=top_k_bound)
   else:
     tempered = log_probs / jnp.where(temperature > 0, temperature, 1.0)[:, None]
   sampled = jax.vmap(jax.random.categorical)(keys, tempered).astype(jnp.int32)

@@ -127,6 +127,37 @@ def test_sample_frequencies_follow_filtered_distribution():
                                                      filtering=False)))
 
 
+def test_top_k_bound_ranks_k_ids_and_matches_the_sort():
+  """`top_k_bound` (lax.top_k) gives the sort path's values and draws, ties included."""
+  rng = np.random.default_rng(7)
+  vocab = 300
+  logits = (rng.normal(size=(6, vocab)) * 3).astype(np.float32)
+  logits[1, :40] = 20.0  # a 40-way tie for the top, straddling the cut at 10
+  allowed = np.ones((6, vocab), bool)
+  allowed[2, ::3] = False
+  allowed[3, 5:] = False  # fewer allowed ids than k
+  temperature = np.array([1.0, 0.7, 1.3, 1.0, 0.0, 2.0], np.float32)
+  top_k = np.array([1, 10, 25, 16, 3, 50], np.int32)
+  top_p = np.array([1.0, 1.0, 0.6, 0.9, 1.0, 0.95], np.float32)
+  bound = sampling.top_k_bound_for(top_k, vocab)
+  assert bound == 64
+  bounded = jax.jit(sampling.filter_logits, static_argnames='top_k_bound')
+  want = np.asarray(bounded(logits, temperature, top_k, top_p, allowed))
+  got = np.asarray(bounded(logits, temperature, top_k, top_p, allowed, top_k_bound=bound))
+  np.testing.assert_array_equal(got, want)
+  assert np.isfinite(got[1]).sum() == 10 and np.flatnonzero(np.isfinite(got[1]))[-1] == 9
+  keys = jax.random.split(jax.random.key(3), 6)
+  draw = jax.jit(sampling.sample, static_argnames=('top_k_bound',))
+  np.testing.assert_array_equal(
+      np.asarray(draw(keys, logits, temperature, top_k, top_p, allowed, top_k_bound=bound)),
+      np.asarray(draw(keys, logits, temperature, top_k, top_p, allowed)))
+  # Rows without a top-k (or settings the host cannot see) need the whole vocabulary ranked.
+  assert sampling.top_k_bound_for(np.array([5, 0]), vocab) == 0
+  assert sampling.top_k_bound_for(None, vocab) == 0
+  assert sampling.top_k_bound_for(np.array([260]), vocab) == 0  # 512 is not below 300
+  assert sampling.top_k_bound_for(np.array([1]), vocab) == 1
+
+
 def test_rows_draw_from_their_own_keys():
   logits = np.broadcast_to(_logits(6, batch=1), (8, VOCAB))
   keys = jax.random.split(jax.random.key(2), 8)
