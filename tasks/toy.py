@@ -10,7 +10,7 @@ import functools
 import numpy as np
 import seqio
 
-from musiclm_jax.train.summaries import quiet_tensorflow
+from musiclm_jax.common.tf_setup import quiet_tensorflow
 
 tf = quiet_tensorflow()
 

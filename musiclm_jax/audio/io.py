@@ -14,10 +14,11 @@ import dataclasses
 import logging
 import os
 import re
-import tempfile
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Iterator, Optional, Union
 
 import numpy as np
+
+from musiclm_jax.common.atomic import write_atomically
 
 PathLike = Union[str, os.PathLike]
 DEFAULT_SAMPLE_RATE = 24000
@@ -307,34 +308,6 @@ def save_wav(path: PathLike, audio: np.ndarray, sample_rate: int = DEFAULT_SAMPL
   return write_atomically(
       path, lambda tmp: sf.write(tmp, data, sample_rate, subtype=subtype, format='WAV'),
       suffix='.wav')
-
-
-def write_atomically(path: str, write: Callable[[str], Any], suffix: str = '') -> str:
-  """Calls `write(tmp)` on a temporary file beside `path`, then renames it into place.
-
-  The parent directory is created; the file gets the mode a plain open() would give it; on any
-  failure the temporary file is removed and an existing `path` is left as it was.
-
-  Returns:
-    `path`.
-  """
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix='.tmp-', suffix=suffix, dir=directory)
-  os.close(fd)
-  try:
-    write(tmp)
-    # mkstemp makes the file 0600; give it the mode a plain open() would have.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  return path
 
 
 class SkipCounter:

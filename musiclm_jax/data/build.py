@@ -1,12 +1,13 @@
 """`musiclm-jax build_data`: prepares one of the audio corpora as a TFDS dataset and reports it."""
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Mapping, Optional
 
 import gin
 import numpy as np
+
+from musiclm_jax.common import atomic
 
 DATASETS = ('embedded_music', 'musiccaps', 'audio_folder')
 
@@ -77,11 +78,7 @@ def build_dataset(name: str = gin.REQUIRED,
   summary = summarize(builder)
   print(format_summary(summary))
   if summary_file:
-    from musiclm_jax.train.trainer import write_text_atomically  # pylint: disable=g-import-not-at-top
-    summary_file = _expand(summary_file)
-    write_text_atomically(os.path.dirname(summary_file),
-                          json.dumps(summary, indent=2, sort_keys=True),
-                          name=os.path.basename(summary_file))
+    atomic.write_json(_expand(summary_file), summary, durable=True)
   if preview_dir:
     from musiclm_jax.data import preview  # pylint: disable=g-import-not-at-top
     png = preview.write_preview(builder, _expand(preview_dir))

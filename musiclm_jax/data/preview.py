@@ -8,6 +8,8 @@ from typing import Optional
 
 import numpy as np
 
+from musiclm_jax.common import atomic
+
 
 def _safe_name(text: str) -> str:
   return re.sub(r'[^A-Za-z0-9_.-]+', '_', text).strip('_')[:60] or 'example'
@@ -60,9 +62,9 @@ def write_preview(builder, out_dir: str, split: Optional[str] = None, num_exampl
     ax.tick_params(labelsize=6)
   axes[-1, 0].set_xlabel('seconds', fontsize=7)
   fig.tight_layout()
-  png = os.path.join(out_dir, 'preview.png')
-  tmp = os.path.join(out_dir, '.preview.tmp.png')
-  fig.savefig(tmp, dpi=110)
-  plt.close(fig)
-  os.replace(tmp, png)
-  return png
+  try:
+    return atomic.write_atomically(os.path.join(out_dir, 'preview.png'),
+                                  lambda tmp: fig.savefig(tmp, dpi=110, format='png'),
+                                  suffix='.png')
+  finally:
+    plt.close(fig)

@@ -9,7 +9,7 @@ import gin
 import jax
 import numpy as np
 
-from musiclm_jax.train.summaries import quiet_tensorflow
+from musiclm_jax.common.tf_setup import quiet_tensorflow
 
 
 @gin.configurable

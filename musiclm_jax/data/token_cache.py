@@ -37,6 +37,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import gin
 
+from musiclm_jax.common.tf_setup import quiet_tensorflow
 from musiclm_jax.data.frozen_tokenizer import FrozenTokenizer, jsonable
 from musiclm_jax.data.model_dir import (GFiles, InterruptedReplaceError, LocalFiles, is_local,
                                         move_into_place, recover_replace)
@@ -70,7 +71,6 @@ class CacheExistsError(CacheError, FileExistsError):
 
 
 def _tf():
-  from musiclm_jax.train.summaries import quiet_tensorflow  # pylint: disable=g-import-not-at-top
   return quiet_tensorflow()
 
 

@@ -70,6 +70,7 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from musiclm_jax.common.tf_setup import quiet_tensorflow
 from musiclm_jax.data.embedded_music import captions as captions_lib
 from musiclm_jax.data.embedded_music import render as render_lib
 from musiclm_jax.data.model_dir import write_directory_atomically
@@ -821,8 +822,7 @@ def iter_corpus(split: str, *, config: str = 'default', data_dir: Optional[str] 
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from musiclm_jax.data import embedded_music  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-  from musiclm_jax.train import summaries  # pylint: disable=g-import-not-at-top
-  summaries.quiet_tensorflow()
+  quiet_tensorflow()
   builder = tfds.builder(f'embedded_music/{config}', data_dir=data_dir)
   if split not in builder.info.splits:
     raise ValueError(f'embedded_music/{config} has no split {split!r} (splits: '

@@ -44,6 +44,7 @@ from tqdm import tqdm
 from musiclm_jax.audio import io as audio_io
 from musiclm_jax.audio import opus
 from musiclm_jax.codec import losses
+from musiclm_jax.common import atomic
 from musiclm_jax.data.audio_folder import scan_audio
 from musiclm_jax.generate import export
 from musiclm_jax.nn.quantizer import STATE_COLLECTION
@@ -374,10 +375,10 @@ def write(result: dict[str, Any], out_dir: str, title: str) -> dict[str, str]:
         f.write(text)
     return write_text
 
-  audio_io.write_atomically(paths['json'], writer(json.dumps(
+  atomic.write_atomically(paths['json'], writer(json.dumps(
       {**result, 'title': title}, indent=2, allow_nan=True)), suffix='.json')
-  audio_io.write_atomically(paths['markdown'], writer(markdown(result, title)), suffix='.md')
-  audio_io.write_atomically(paths['plot'], lambda tmp: plot(result, tmp, title), suffix='.png')
+  atomic.write_atomically(paths['markdown'], writer(markdown(result, title)), suffix='.md')
+  atomic.write_atomically(paths['plot'], lambda tmp: plot(result, tmp, title), suffix='.png')
   return paths
 
 

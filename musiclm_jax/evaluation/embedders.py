@@ -42,6 +42,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 import gin
 import numpy as np
 
+from musiclm_jax.common.tf_setup import quiet_tensorflow
+
 INPUT_SAMPLE_RATE = 24000
 MODEL_SAMPLE_RATE = 16000
 
@@ -230,7 +232,6 @@ class SavedModelEmbedder:
     self.output_key = output_key
     self.min_samples = int(min_samples)
     self.saved_model_dir = _check_saved_model_dir(saved_model_dir, name, weights)
-    from musiclm_jax.train.summaries import quiet_tensorflow  # pylint: disable=g-import-not-at-top
     tf = quiet_tensorflow()  # CPU only: JAX owns the accelerators
     self._tf = tf
     try:

@@ -41,6 +41,8 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from musiclm_jax.common import atomic
+
 METRICS_NAME = 'metrics.json'
 HISTORY_NAME = 'history.json'
 CURVES_NAME = 'training_curves.json'
@@ -81,19 +83,12 @@ def to_json(value: Any, where: str = 'metrics') -> Any:
 
 
 def _write_atomically(path: str, write) -> str:
-  from musiclm_jax.audio.io import write_atomically  # pylint: disable=g-import-not-at-top
-  return write_atomically(path, write, suffix=os.path.splitext(path)[1])
+  return atomic.write_atomically(path, write, suffix=os.path.splitext(path)[1])
 
 
 def write_json_atomically(path: str, value: Any) -> str:
   """Writes `value` (to_json) as indented JSON at `path` via a temporary file; returns path."""
-  text = json.dumps(to_json(value), indent=1) + '\n'
-
-  def write(tmp):
-    with open(tmp, 'w', encoding='utf-8') as f:
-      f.write(text)
-
-  return _write_atomically(path, write)
+  return atomic.write_text(path, json.dumps(to_json(value), indent=1) + '\n')
 
 
 # Markdown.
@@ -515,10 +510,4 @@ def write_report(out_dir: str, metrics: Mapping[str, Any], *, title: str,
     lines += [f'TensorBoard: `tensorboard --logdir {os.path.join(out_dir, TENSORBOARD_DIR)}`', '']
 
   text = '\n'.join(lines).rstrip('\n') + '\n'
-  path = os.path.join(out_dir, REPORT_NAME)
-
-  def write(tmp):
-    with open(tmp, 'w', encoding='utf-8') as f:
-      f.write(text)
-
-  return _write_atomically(path, write)
+  return atomic.write_text(os.path.join(out_dir, REPORT_NAME), text)

@@ -31,6 +31,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from musiclm_jax.common import atomic
+
 PRETRAINED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               'pretrained')
 DEFAULT_CHECKPOINT = os.path.join(PRETRAINED_DIR, 'tiny')
@@ -151,14 +153,7 @@ made {e(record['created'])}.</p>
 {eval_html}
 </body></html>
 """
-  path = os.path.join(out_dir, 'index.html')
-  from musiclm_jax.audio.io import write_atomically  # pylint: disable=g-import-not-at-top
-
-  def write(tmp):
-    with open(tmp, 'w') as f:
-      f.write(page)
-  write_atomically(path, write, suffix='.html')
-  return path
+  return atomic.write_text(os.path.join(out_dir, 'index.html'), page)
 
 
 def run_demo(checkpoint: str = DEFAULT_CHECKPOINT, out_dir: str = 'runs/demo',
@@ -228,12 +223,7 @@ def run_demo(checkpoint: str = DEFAULT_CHECKPOINT, out_dir: str = 'runs/demo',
     record['items'].append({'section': 'Story (dashed lines: where the text changes)',
                             'text': text, **files})
 
-  from musiclm_jax.audio.io import write_atomically  # pylint: disable=g-import-not-at-top
-
-  def write_json(tmp):
-    with open(tmp, 'w') as f:
-      json.dump(record, f, indent=2)
-  write_atomically(os.path.join(out_dir, 'demo.json'), write_json, suffix='.json')
+  atomic.write_json(os.path.join(out_dir, 'demo.json'), record, sort_keys=False)
   page = write_page(out_dir, record)
   record['page'] = page
   return record

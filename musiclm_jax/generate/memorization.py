@@ -62,6 +62,9 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from musiclm_jax.common.tf_setup import quiet_tensorflow
+from musiclm_jax.common import atomic
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_PROMPT_SECONDS = (0.0, 1.0, 2.0, 5.0)
@@ -601,7 +604,6 @@ def read_cached_examples(task_dir: str, split: str, features: Sequence[str],
     KeyError: a feature the cache does not hold (e.g. a cache without semantic tokens).
     ValueError: fewer than `num_examples` usable examples.
   """
-  from musiclm_jax.train.summaries import quiet_tensorflow  # pylint: disable=g-import-not-at-top
   tf = quiet_tensorflow()
   info_path = os.path.join(task_dir, f'info.{split}.json')
   if not os.path.isfile(os.path.join(task_dir, 'COMPLETED')):
@@ -702,18 +704,7 @@ def semantic_centroids(task_dir: str, tokenizer_dir: Optional[str] = 'auto'
 
 def write_json(path: str, value: Any) -> None:
   """Writes JSON atomically: a temporary file beside `path`, then os.replace."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}-', dir=directory)
-  try:
-    with os.fdopen(fd, 'w') as f:
-      json.dump(value, f, indent=2, sort_keys=True)
-      f.write('\n')
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  atomic.write_json(path, value)
 
 
 def _seconds_list(text: str) -> list[float]:

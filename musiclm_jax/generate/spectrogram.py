@@ -5,6 +5,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from musiclm_jax.common import atomic
+
 
 def log_mel(audio: np.ndarray, sample_rate: int = 24000, n_mels: int = 128,
             hop_length: int = 240) -> np.ndarray:
@@ -57,12 +59,11 @@ def save_spectrogram(path: str, audio: np.ndarray, sample_rate: int = 24000,
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  from musiclm_jax.audio.io import write_atomically  # pylint: disable=g-import-not-at-top
   fig, ax = plt.subplots(figsize=(10, 3.2))
   try:
     plot_spectrogram(audio, sample_rate, ax, title, marks_seconds)
     fig.tight_layout()
-    return write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=100, format='png'),
+    return atomic.write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=100, format='png'),
                             suffix='.png')
   finally:
     plt.close(fig)

@@ -42,7 +42,7 @@ import numpy as np
 import seqio
 
 from musiclm_jax.data import preprocessors
-from musiclm_jax.train.summaries import quiet_tensorflow
+from musiclm_jax.common.tf_setup import quiet_tensorflow
 
 tf = quiet_tensorflow()
 logger = logging.getLogger(__name__)

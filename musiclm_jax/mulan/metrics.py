@@ -17,10 +17,11 @@ Embeddings are unit vectors (cosine = dot product); the functions normalise what
 from __future__ import annotations
 
 import collections
-import os
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
+
+from musiclm_jax.common import atomic
 
 EmbedAudio = Callable[[np.ndarray], np.ndarray]   # [B, samples] -> [B, D]
 EmbedText = Callable[[Sequence[str]], np.ndarray]  # texts -> [N, D]
@@ -333,7 +334,6 @@ def format_report(result: Mapping[str, Any]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """`python -m musiclm_jax.mulan.metrics --conditioner_dir D [--split test]`: the report."""
   import argparse  # pylint: disable=g-import-not-at-top
-  import json  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(
       prog='python -m musiclm_jax.mulan.metrics',
       description='Corpus-wide retrieval recall and zero-shot attribute accuracy of a MuLan '
@@ -355,9 +355,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   result['split'] = args.split
   print(format_report(result))
   if args.out:
-    with open(args.out + '.tmp', 'w') as f:
-      json.dump(result, f, indent=1)
-    os.replace(args.out + '.tmp', args.out)
+    atomic.write_json(args.out, result, indent=1, sort_keys=False)
   return 0
 
 

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from musiclm_jax.common.tf_setup import quiet_tensorflow
 from musiclm_jax.semantic import tokenizer as tokenizer_lib
 
 FRAME_RATE = 25.0
@@ -112,7 +113,6 @@ def frame_labels(example: dict[str, Any], num_frames: int) -> dict[str, np.ndarr
 def load_examples(split: str, tfds_data_dir: Optional[str], max_examples: Optional[int],
                   dataset: str = 'embedded_music/default:1.1.0') -> list[dict[str, Any]]:
   """Clips of the embedded corpus with the fields the labels need (audio as float32)."""
-  from musiclm_jax.train.summaries import quiet_tensorflow  # pylint: disable=g-import-not-at-top
   quiet_tensorflow()
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from musiclm_jax.data import embedded_music  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import

@@ -45,7 +45,7 @@ from musiclm_jax.data import preprocessors
 from musiclm_jax.data.frozen_tokenizer import FrozenTokenizer
 from musiclm_jax.stages.spec import (CODEC_FEATURE, MELODY_FEATURE, MULAN_FEATURE,
                                      SEMANTIC_FEATURE, StageSpec, TokenStream)
-from musiclm_jax.train.summaries import quiet_tensorflow
+from musiclm_jax.common.tf_setup import quiet_tensorflow
 
 tf = quiet_tensorflow()
 logger = logging.getLogger(__name__)

@@ -37,6 +37,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 import gin
 
+from musiclm_jax.common import atomic
+
 logger = logging.getLogger(__name__)
 
 RECORD = 'recipe.json'
@@ -125,14 +127,6 @@ def _git_commit() -> Optional[str]:
   except (OSError, subprocess.SubprocessError):
     return None
   return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def _write_json_atomically(path: str, value: Any) -> None:
-  tmp = f'{path}.tmp.{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(value, f, indent=2, sort_keys=True)
-    f.write('\n')
-  os.replace(tmp, path)
 
 
 def _tee(pipe, sinks) -> None:
@@ -254,7 +248,7 @@ def train_pipeline(root: str = gin.REQUIRED,
     record['steps'].append(entry)
 
   def save():
-    _write_json_atomically(record_path, record)
+    atomic.write_json(record_path, record)
     with open(os.path.join(root, TABLE), 'w') as f:
       f.write(f'# Recipe under `{root}` (git {record["git_commit"]})\n\n' + _table(record))
 
@@ -301,7 +295,7 @@ def train_pipeline(root: str = gin.REQUIRED,
     entry['status'] = 'done'
     entry['finished'] = datetime.datetime.now().isoformat(timespec='seconds')
     entry.pop('wall_seconds_before', None)
-    _write_json_atomically(done_path, entry)
+    atomic.write_json(done_path, entry)
     save()
     minutes = entry['wall_seconds'] / 60
     if max_part_minutes is not None and minutes > max_part_minutes:

@@ -1,23 +1,12 @@
 """TensorBoard summaries (scalars, audio, images) written by process 0 only."""
 from __future__ import annotations
 
-import os
 from typing import Mapping, Optional
 
 import jax
 import numpy as np
 
-
-def quiet_tensorflow():
-  """Imports TensorFlow with its logs down and without any accelerator (JAX owns those)."""
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  try:
-    tf.config.set_visible_devices([], 'GPU')
-    tf.config.set_visible_devices([], 'TPU')
-  except (RuntimeError, ValueError):
-    pass  # already initialised, or no such device type
-  return tf
+from musiclm_jax.common.tf_setup import quiet_tensorflow
 
 
 class SummaryWriter:

@@ -38,6 +38,9 @@ import sys
 import time
 from typing import Any, Optional, Sequence
 
+from musiclm_jax.common import atomic
+from musiclm_jax.common.tf_setup import quiet_tensorflow
+
 SWEEP_JSON = 'sweep.json'
 RUN_LOG = 'sweep_run.log'
 # Statuses in sweep.json: pending (not launched yet), running, done, failed (exit status
@@ -319,12 +322,7 @@ def read_sweep_json(sweep_dir: str) -> Optional[dict[str, Any]]:
 
 def write_json(path: str, data: Any):
   """Writes JSON through a rename, so a crash never leaves half a file."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(data, f, indent=2)
-    f.write('\n')
-  os.replace(tmp, path)
+  atomic.write_json(path, data, sort_keys=False)
 
 
 def merge_sweep_json(previous: Optional[dict[str, Any]], ns: argparse.Namespace,
@@ -477,11 +475,10 @@ def read_scalars(logdir: str) -> dict[str, tuple[int, float, float]]:
     run rewrites the steps after its checkpoint).
   """
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from musiclm_jax.train import summaries  # pylint: disable=g-import-not-at-top
   files = sorted(glob.glob(os.path.join(logdir, 'events.out.tfevents.*')))
   if not files:
     return {}
-  tf = summaries.quiet_tensorflow()
+  tf = quiet_tensorflow()
   final: dict[str, tuple[int, float, float]] = {}
   for path in files:
     try:

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -18,6 +17,7 @@ import jax.experimental.multihost_utils  # noqa: F401  pylint: disable=unused-im
 import numpy as np
 from tqdm import tqdm
 
+from musiclm_jax.common import atomic
 from musiclm_jax.data.seqio_input import (DatasetConfig, batch_spec_of, get_host_dataset,
                                           global_batch_spec, numpy_batches, reads_shard)
 from musiclm_jax.train.checkpoints import (CheckpointError, Checkpointer, ModelDirLock,
@@ -54,14 +54,7 @@ def write_text_atomically(model_dir: str, text: str, name: str = 'config.gin'):
   """
   if jax.process_index() != 0:
     return
-  os.makedirs(model_dir, exist_ok=True)
-  path = os.path.join(model_dir, name)
-  tmp = f'{path}.tmp.{socket.gethostname()}.{os.getpid()}'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  atomic.write_text(os.path.join(model_dir, name), text, durable=True)
 
 
 class _StopSignals:

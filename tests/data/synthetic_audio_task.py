@@ -16,7 +16,7 @@ import seqio
 from musiclm_jax.data import preprocessors
 from musiclm_jax.data.frozen_tokenizer import FrozenTokenizer
 from musiclm_jax.nn.random_projection import RandomProjectionQuantizer
-from musiclm_jax.train.summaries import quiet_tensorflow
+from musiclm_jax.common.tf_setup import quiet_tensorflow
 
 tf = quiet_tensorflow()
 

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from musiclm_jax.common.tf_setup import quiet_tensorflow
 from musiclm_jax.evaluation import embedders
 from musiclm_jax.evaluation import frechet
 from musiclm_jax.evaluation import pipeline_eval
@@ -28,7 +29,6 @@ def clean_gin():
 
 
 def _tf():
-  from musiclm_jax.train.summaries import quiet_tensorflow  # pylint: disable=g-import-not-at-top
   return quiet_tensorflow()
 
 
