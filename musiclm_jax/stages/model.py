@@ -36,7 +36,12 @@ class StageModel(DecoderOnlyLM):
 
   Loss: token cross entropy on the predicted stream only: `decoder_loss_weights` times "the
   target id lies in the predicted stream's range", so a batch whose weights also cover the
-  prefix (e.g. the plain 'lm' converter) still trains only on the predicted part.
+  prefix (e.g. the plain 'lm' converter) still trains only on the predicted part. With
+  `level_softmax` (the default) each predicted position's softmax runs over the ids of its own
+  RVQ level only (the level of its target id: `StageSpec.target_levels`), exactly the
+  distribution the sampler draws from (`StageSpec.vocab_mask`); the model then never spends
+  training on which id range a level uses, and loss, accuracy and the per-level metrics are
+  those of the sampled distribution (a uniform guess scores log(codebook_size)).
 
   Conditioning dropout (training only, for classifier-free guidance): each example (each packed
   segment) drops each droppable conditioning stream (MuLan, melody) independently with
@@ -63,13 +68,15 @@ class StageModel(DecoderOnlyLM):
     vocab_multiple: round the vocabulary up to a multiple of this (TPU-friendly table shapes and
       an even split over the 'model' mesh axis); ids past the spec's are never targets.
     eval_unconditional: also evaluate with the droppable streams dropped.
+    level_softmax: restrict each predicted position's softmax to its level's ids (training and
+      evaluation); False: the softmax over the whole vocabulary.
   """
 
   def __init__(self, spec: StageSpec = gin.REQUIRED,
                config: transformer.TransformerConfig = gin.REQUIRED,
                optimizer: OptimizerConfig = OptimizerConfig(), z_loss: float = 0.0,
                conditioning_dropout: float = 0.0, vocab_multiple: int = 128,
-               eval_unconditional: bool = True):
+               eval_unconditional: bool = True, level_softmax: bool = True):
     if not 0.0 <= conditioning_dropout <= 1.0:
       raise ValueError(f'StageModel.conditioning_dropout={conditioning_dropout}: a probability '
                        'in [0, 1]')
@@ -86,6 +93,7 @@ class StageModel(DecoderOnlyLM):
     self.spec = spec
     self.conditioning_dropout = float(conditioning_dropout)
     self.eval_unconditional = bool(eval_unconditional)
+    self.level_softmax = bool(level_softmax)
 
   # ------------------------------------------------------------------------------ sizes
   def num_params(self, length: int = 8) -> int:
@@ -102,6 +110,19 @@ class StageModel(DecoderOnlyLM):
     weights = jnp.ones(targets.shape, jnp.float32) if weights is None else weights
     predicted = self.spec.target_levels(targets) >= 0
     return weights.astype(jnp.float32) * predicted.astype(jnp.float32)
+
+  def restrict_logits(self, logits: Array, targets: Array) -> Array:
+    """With `level_softmax`: logits [B, L, V] with every id outside each predicted position's
+    level set to a large negative value (positions whose target is not predicted keep theirs)."""
+    if not self.level_softmax:
+      return logits
+    levels = self.spec.target_levels(targets)  # [B, L]; -1 outside the predicted stream
+    size = self.spec.target.codebook_size
+    first = self.spec.offset(self.spec.target.name) + levels * size  # the level's code 0
+    ids = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    keep = (ids >= first[..., None]) & (ids < first[..., None] + size)
+    keep = keep | (levels < 0)[..., None]
+    return jnp.where(keep, logits, jnp.asarray(-1e9, logits.dtype))
 
   def drop_conditioning(self, batch: Mapping[str, Array], rng: Array,
                         rate: Optional[float] = None) -> tuple[dict[str, Array], dict[str, Array]]:
@@ -149,9 +170,10 @@ class StageModel(DecoderOnlyLM):
   def compute_losses(self, params, model_state, batch, rng):
     drop_rng, dropout_rng = jax.random.split(rng)
     batch, metrics = self.drop_conditioning(batch, drop_rng)
-    logits = self.logits(params, batch, rng=dropout_rng)
+    targets = batch['decoder_target_tokens']
+    logits = self.restrict_logits(self.logits(params, batch, rng=dropout_rng), targets)
     loss_sum, correct, weight = cross_entropy_with_integer_labels(
-        logits, batch['decoder_target_tokens'], self.loss_weights(batch), self.z_loss)
+        logits, targets, self.loss_weights(batch), self.z_loss)
     denom = jnp.maximum(weight, 1.0)
     loss = loss_sum / denom
     metrics.update(loss=loss, accuracy=correct / denom)
@@ -160,7 +182,7 @@ class StageModel(DecoderOnlyLM):
   def eval_metrics(self, params, model_state, batch):
     targets = batch['decoder_target_tokens']
     weights = self.loss_weights(batch)
-    logits = self.logits(params, batch)
+    logits = self.restrict_logits(self.logits(params, batch), targets)
     loss_sum, correct, weight = cross_entropy_with_integer_labels(logits, targets, weights)
     out = {'loss': (loss_sum, weight), 'accuracy': (correct, weight)}
     levels = self.spec.target_levels(targets)
@@ -172,8 +194,9 @@ class StageModel(DecoderOnlyLM):
       out[f'accuracy/level_{number}'] = (l_correct, l_weight)
     if self.eval_unconditional and self.spec.droppable:
       uncond = self.unconditional(batch)
+      u_targets = uncond['decoder_target_tokens']
       u_sum, u_correct, u_weight = cross_entropy_with_integer_labels(
-          self.logits(params, uncond), uncond['decoder_target_tokens'], weights)
+          self.restrict_logits(self.logits(params, uncond), u_targets), u_targets, weights)
       out['loss_unconditional'] = (u_sum, u_weight)
       out['accuracy_unconditional'] = (u_correct, u_weight)
     return out

@@ -60,7 +60,7 @@ def _coarse_streams(batch, seed=0, frames=2):
 
 
 def test_teacher_forced_loss_is_the_masked_cross_entropy_of_the_predicted_stream():
-  model = _model(z_loss=0.0)
+  model = _model(z_loss=0.0, level_softmax=False)
   spec = model.spec
   assert model.config.vocab_size == 32 and spec.vocab_size == 26  # rounded up to 8
   batch = _prefix_lm_batch(spec, _coarse_streams(3), length=16)  # 2 + 2 + 8 = 12 real positions
@@ -96,6 +96,52 @@ def test_teacher_forced_loss_is_the_masked_cross_entropy_of_the_predicted_stream
     assert f'accuracy/level_{level}' in ratios
   assert 'loss_unconditional' in ratios and ratios['loss_unconditional'][1] == 24
   assert model.num_tokens(batch) == 24
+
+
+def test_level_softmax_normalises_each_position_over_its_own_levels_ids():
+  model = _model(z_loss=0.0)  # level_softmax is the default
+  spec = model.spec
+  batch = _prefix_lm_batch(spec, _coarse_streams(3, seed=4), length=16)
+  params = {'model': model.module.init(jax.random.PRNGKey(2),
+                                       jnp.asarray(batch['decoder_input_tokens']))['params']}
+  logits = np.asarray(jax.jit(model.logits)(params, batch), np.float64)
+  targets = batch['decoder_target_tokens']
+  # By hand: predicted positions 4..11 alternate levels 1, 2; level l's ids are
+  # [offset + 5 l, offset + 5 (l + 1)) (5 codes a level). Each position's log-softmax runs over
+  # those 5 ids only, the sampler's mask row for that level.
+  offset = spec.offset('coarse')
+  vocab_mask = spec.vocab_mask(model.config.vocab_size)
+  nll, hits = np.zeros(targets.shape), np.zeros(targets.shape)
+  for column in range(4, 12):
+    level = (column - 4) % 2
+    ids = np.arange(offset + 5 * level, offset + 5 * level + 5)
+    np.testing.assert_array_equal(np.flatnonzero(vocab_mask[level]), ids)
+    sub = logits[:, column, ids]
+    log_z = np.log(np.sum(np.exp(sub - sub.max(-1, keepdims=True)), -1)) + sub.max(-1)
+    nll[:, column] = log_z - logits[np.arange(3), column, targets[:, column]]
+    hits[:, column] = ids[sub.argmax(-1)] == targets[:, column]
+  mask = np.zeros(targets.shape)
+  mask[:, 4:12] = 1.0
+  expected = np.sum(nll * mask) / np.sum(mask)
+  losses, metrics, _ = jax.jit(model.compute_losses)(params, {}, batch, jax.random.PRNGKey(1))
+  np.testing.assert_allclose(losses['model'], expected, rtol=1e-5)
+  np.testing.assert_allclose(metrics['accuracy'], np.sum(hits * mask) / np.sum(mask), rtol=1e-6)
+  # Below the whole-vocabulary loss, and at most log(5) for a uniform guess: the restriction
+  # is real, not a relabelling.
+  full = _model(z_loss=0.0, level_softmax=False)
+  full_loss = jax.jit(full.compute_losses)(params, {}, batch, jax.random.PRNGKey(1))[0]['model']
+  assert float(losses['model']) < float(full_loss)
+  ratios = jax.device_get(jax.jit(model.eval_metrics)(params, {}, batch))
+  np.testing.assert_allclose(ratios['loss'][0] / ratios['loss'][1], expected, rtol=1e-5)
+  level_1 = np.zeros_like(mask)
+  level_1[:, [4, 6, 8, 10]] = 1.0
+  num, den = ratios['loss/level_1']
+  np.testing.assert_allclose(num / den, np.sum(nll * level_1) / 12, rtol=1e-5)
+  # The gradient never reaches an id outside the position's level.
+  grad = jax.grad(lambda lg: model.restrict_logits(lg, jnp.asarray(targets)).sum())(
+      jnp.asarray(logits, jnp.float32))
+  np.testing.assert_array_equal(np.asarray(grad)[0, 4] != 0, vocab_mask[0])
+  np.testing.assert_array_equal(np.asarray(grad)[0, 0], 1.0)  # a prefix position: untouched
 
 
 def test_conditioning_dropout_replaces_whole_streams_at_rate_p_and_never_the_targets():
