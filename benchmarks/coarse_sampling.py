@@ -27,6 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from musiclm_jax.common import atomic
+from musiclm_jax.evaluation import attributes
 from musiclm_jax.evaluation import pipeline_eval
 from musiclm_jax.generate.pipeline import Pipeline
 
@@ -57,9 +58,7 @@ def main(argv=None) -> int:
   samples = int(args.seconds * rate) // pipeline.unit_samples * pipeline.unit_samples
   real = np.stack([a[:samples] for a in clips.audio]).astype(np.float32)
   semantic, _ = pipeline_eval.tokenize_clips(pipeline, real, args.batch_size)
-  classifier, why = pipeline_eval._load_classifier(args.classifier)  # pylint: disable=protected-access
-  if classifier is None:
-    raise SystemExit(f'--classifier {args.classifier}: {why}')
+  classifier = attributes.AttributeClassifier.load(args.classifier)
   reference = classifier.predict(real, rate)
   rows = {}
   print(f'{args.num_clips} test clips of {samples / rate:g} s, true semantic tokens, '
