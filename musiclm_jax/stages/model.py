@@ -117,11 +117,8 @@ class StageModel(DecoderOnlyLM):
     if not self.level_softmax:
       return logits
     levels = self.spec.target_levels(targets)  # [B, L]; -1 outside the predicted stream
-    size = self.spec.target.codebook_size
-    first = self.spec.offset(self.spec.target.name) + levels * size  # the level's code 0
-    ids = jnp.arange(logits.shape[-1], dtype=jnp.int32)
-    keep = (ids >= first[..., None]) & (ids < first[..., None] + size)
-    keep = keep | (levels < 0)[..., None]
+    level_ids = jnp.asarray(self.spec.vocab_mask(logits.shape[-1]))  # the sampler's mask
+    keep = jnp.take(level_ids, jnp.maximum(levels, 0), axis=0) | (levels < 0)[..., None]
     return jnp.where(keep, logits, jnp.asarray(-1e9, logits.dtype))
 
   def drop_conditioning(self, batch: Mapping[str, Array], rng: Array,
