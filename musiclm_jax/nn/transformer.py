@@ -269,7 +269,8 @@ class Decoder(nn.Module):
                *,
                segment_ids: Optional[Array] = None,
                deterministic: bool = True,
-               decode: bool = False) -> Array:
+               decode: bool = False,
+               features_only: bool = False) -> Array:
     """Computes next-token logits.
 
     Args:
@@ -293,9 +294,12 @@ class Decoder(nn.Module):
         a prompt chunk or one token at a time. The caller keeps the number
         of positions fed within the cache length L (a traced cache index
         cannot be checked; an overflowing write would be clamped).
+      features_only: return the final (normalised) residual stream [batch, length, embed] in
+        the compute dtype instead of logits, for a caller that reads out only some vocabulary
+        columns itself (StageModel's level head); the read-out parameters are not used.
 
     Returns:
-      [batch, length, vocab] float32 logits.
+      [batch, length, vocab] float32 logits (or the features, see `features_only`).
     """
     cfg = self.config
     embedder = Embed(
@@ -388,6 +392,8 @@ class Decoder(nn.Module):
     x = LayerNorm(dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                   name='decoder_norm')(x)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+    if features_only:
+      return nn.with_logical_constraint(x, _EMBED_AXES)
     if cfg.logits_via_embedding:
       # Tied weights: the embedding has unit-variance rows, so rescale to keep
       # initial logits O(1).

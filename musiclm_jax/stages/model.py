@@ -9,6 +9,7 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.core import meta
 
 from musiclm_jax.nn import transformer
 from musiclm_jax.stages.spec import StageSpec
@@ -42,6 +43,15 @@ class StageModel(DecoderOnlyLM):
   distribution the sampler draws from (`StageSpec.vocab_mask`); the model then never spends
   training on which id range a level uses, and loss, accuracy and the per-level metrics are
   those of the sampled distribution (a uniform guess scores log(codebook_size)).
+
+  The level head (`level_softmax`, the default): training and evaluation read out only the
+  columns a position's softmax runs over. Each row's positions are grouped by their target's
+  level (a stable sort, so any layout, packed rows included, is grouped right) and each group is
+  multiplied by its level's `codebook_size` columns of the read-out, so the head costs
+  `codebook_size` columns a position instead of the whole vocabulary (coarse: 1,024 of 5,120;
+  fine: 1,024 of 12,416), and the prefix positions, which carry no loss, none at all. The
+  result equals the masked whole-vocabulary softmax (`restrict_logits`, kept as the reference);
+  sampling reads the whole head and masks it (`StageSpec.vocab_mask`), the same distribution.
 
   Conditioning dropout (training only, for classifier-free guidance): each example (each packed
   segment) drops each droppable conditioning stream (MuLan, melody) independently with
@@ -121,6 +131,59 @@ class StageModel(DecoderOnlyLM):
     keep = jnp.take(level_ids, jnp.maximum(levels, 0), axis=0) | (levels < 0)[..., None]
     return jnp.where(keep, logits, jnp.asarray(-1e9, logits.dtype))
 
+  def features(self, params, batch, *, rng: Optional[Array] = None) -> Array:
+    """The Transformer's final features [B, L, embed] (dropout on when `rng` is given)."""
+    return self.module.apply(
+        {'params': params['model']}, batch['decoder_input_tokens'],
+        segment_ids=self._segment_ids(batch), deterministic=rng is None,
+        rngs=None if rng is None else {'dropout': rng}, features_only=True)
+
+  def level_readout(self, params) -> Array:
+    """[levels, embed, codebook_size]: each predicted level's columns of the read-out."""
+    cfg = self.config
+    size = self.spec.target.codebook_size
+    offsets = [int(o) for o in self.spec.level_offsets(self.spec.target.name)]
+    p = meta.unbox(params['model'])  # apply() unboxes too: init's params may be boxed
+    if cfg.logits_via_embedding:  # as Decoder: the tied table, rescaled
+      table = p['token_embedder']['embedding'].astype(cfg.dtype)
+      return jnp.stack([table[o:o + size].T for o in offsets]) / float(np.sqrt(cfg.embed_dim))
+    kernel = p['logits_dense']['kernel'].astype(cfg.dtype)
+    return jnp.stack([kernel[:, o:o + size] for o in offsets])
+
+  def level_logits(self, params, batch, weights: Array, *,
+                   rng: Optional[Array] = None) -> tuple[Array, Array, Array]:
+    """The level head: (logits [B, levels, T, codebook_size] float32, codes [B, levels, T],
+    weights [B, levels, T]), T = ceil(L / levels): row b's positions of level k, in order, read
+    out over level k's ids only (see the class docstring). Slots past a row's count of level-k
+    positions, and positions whose target is not predicted, have weight 0.
+
+    Args:
+      params: the parameters.
+      batch: a PrefixLM batch.
+      weights: float [B, L] loss weights (`loss_weights`).
+      rng: dropout key (training).
+    """
+    x = self.features(params, batch, rng=rng)  # [B, L, D]
+    targets = batch['decoder_target_tokens']
+    b, length = targets.shape
+    period = self.spec.period
+    slots = -(-length // period)
+    levels = self.spec.target_levels(targets)  # [B, L], -1 outside the predicted stream
+    # Each level's positions first, in order (stable sort on "is not level k"); a level of a
+    # frame-major stream holds at most ceil(L / levels) positions of a row, packed or not.
+    order = jnp.stack([jnp.argsort((levels != k).astype(jnp.int32), axis=1, stable=True)
+                       [:, :slots] for k in range(period)], axis=1)  # [B, K, T]
+    flat = order.reshape(b, period * slots)
+    xs = jnp.take_along_axis(x, flat[..., None], axis=1).reshape(b, period, slots, -1)
+    take = lambda a: jnp.take_along_axis(a, flat, axis=1).reshape(b, period, slots)
+    in_level = take(levels) == jnp.arange(period, dtype=jnp.int32)[None, :, None]
+    w = take(weights) * in_level.astype(jnp.float32)
+    offsets = jnp.asarray(self.spec.level_offsets(self.spec.target.name))[None, :, None]
+    size = self.spec.target.codebook_size
+    codes = jnp.clip(take(targets) - offsets, 0, size - 1)
+    logits = jnp.einsum('bktd,kdc->bktc', xs, self.level_readout(params))
+    return logits.astype(jnp.float32), codes, w
+
   def drop_conditioning(self, batch: Mapping[str, Array], rng: Array,
                         rate: Optional[float] = None) -> tuple[dict[str, Array], dict[str, Array]]:
     """Conditioning dropout: (the batch with dropped streams set to NULL, their drop rates).
@@ -168,21 +231,32 @@ class StageModel(DecoderOnlyLM):
     drop_rng, dropout_rng = jax.random.split(rng)
     batch, metrics = self.drop_conditioning(batch, drop_rng)
     targets = batch['decoder_target_tokens']
-    logits = self.restrict_logits(self.logits(params, batch, rng=dropout_rng), targets)
+    if self.level_softmax:
+      logits, targets, weights = self.level_logits(
+          params, batch, self.loss_weights(batch), rng=dropout_rng)
+    else:
+      logits, weights = self.logits(params, batch, rng=dropout_rng), self.loss_weights(batch)
     loss_sum, correct, weight = cross_entropy_with_integer_labels(
-        logits, targets, self.loss_weights(batch), self.z_loss)
+        logits, targets, weights, self.z_loss)
     denom = jnp.maximum(weight, 1.0)
     loss = loss_sum / denom
     metrics.update(loss=loss, accuracy=correct / denom)
     return {'model': loss}, metrics, model_state
 
-  def eval_metrics(self, params, model_state, batch):
-    targets = batch['decoder_target_tokens']
+  def _eval_logits(self, params, batch):
+    """(logits, targets, weights, level of each target position) for the evaluation metrics."""
     weights = self.loss_weights(batch)
-    logits = self.restrict_logits(self.logits(params, batch), targets)
+    if self.level_softmax:
+      logits, codes, w = self.level_logits(params, batch, weights)
+      levels = jnp.broadcast_to(jnp.arange(self.spec.period)[None, :, None], codes.shape)
+      return logits, codes, w, levels
+    targets = batch['decoder_target_tokens']
+    return self.logits(params, batch), targets, weights, self.spec.target_levels(targets)
+
+  def eval_metrics(self, params, model_state, batch):
+    logits, targets, weights, levels = self._eval_logits(params, batch)
     loss_sum, correct, weight = cross_entropy_with_integer_labels(logits, targets, weights)
     out = {'loss': (loss_sum, weight), 'accuracy': (correct, weight)}
-    levels = self.spec.target_levels(targets)
     for level in range(self.spec.period):
       w = weights * (levels == level).astype(jnp.float32)
       l_sum, l_correct, l_weight = cross_entropy_with_integer_labels(logits, targets, w)
@@ -190,10 +264,9 @@ class StageModel(DecoderOnlyLM):
       out[f'loss/level_{number}'] = (l_sum, l_weight)
       out[f'accuracy/level_{number}'] = (l_correct, l_weight)
     if self.eval_unconditional and self.spec.droppable:
-      uncond = self.unconditional(batch)
-      u_targets = uncond['decoder_target_tokens']
-      u_sum, u_correct, u_weight = cross_entropy_with_integer_labels(
-          self.restrict_logits(self.logits(params, uncond), u_targets), u_targets, weights)
+      u_logits, u_targets, u_weights, _ = self._eval_logits(params, self.unconditional(batch))
+      u_sum, u_correct, u_weight = cross_entropy_with_integer_labels(u_logits, u_targets,
+                                                                     u_weights)
       out['loss_unconditional'] = (u_sum, u_weight)
       out['accuracy_unconditional'] = (u_correct, u_weight)
     return out

@@ -13,6 +13,7 @@ from musiclm_jax.nn.transformer import TransformerConfig
 from musiclm_jax.stages import spec as spec_lib
 from musiclm_jax.stages.model import StageModel, describe_model
 from musiclm_jax.stages.spec import TokenSizes
+from musiclm_jax.train.models import cross_entropy_with_integer_labels
 from musiclm_jax.train.optimizers import OptimizerConfig
 from musiclm_jax.train.partitioning import Partitioner
 from musiclm_jax.train.train_state import StepFunctions
@@ -142,6 +143,54 @@ def test_level_softmax_normalises_each_position_over_its_own_levels_ids():
       jnp.asarray(logits, jnp.float32))
   np.testing.assert_array_equal(np.asarray(grad)[0, 4] != 0, vocab_mask[0])
   np.testing.assert_array_equal(np.asarray(grad)[0, 0], 1.0)  # a prefix position: untouched
+
+
+def test_level_head_equals_the_masked_whole_vocabulary_softmax_on_packed_rows():
+  # The level head reads out only each level's columns, grouping a row's positions by level; on
+  # rows packing two examples (the second's levels start mid-row) and for the fine stage (whose
+  # prefix is itself codec levels) it must give the masked whole-vocabulary softmax's numbers.
+  for spec in (spec_lib.coarse_stage_spec(SIZES), spec_lib.fine_stage_spec(SIZES)):
+    model = _model(spec, z_loss=1e-3)
+    rng = np.random.default_rng(7)
+    if spec.name == 'coarse':
+      # 17 then 12 tokens: the first's levels start at an odd position, the second's 17 later.
+      streams = [_coarse_streams(2, seed=5, frames=3), _coarse_streams(2, seed=6, frames=2)]
+    else:
+      streams = [{'coarse': rng.integers(0, SIZES.codec_codes, (2, 3, 2)),
+                  'fine': rng.integers(0, SIZES.codec_codes, (2, 3, 1))} for _ in range(2)]
+    one = [_prefix_lm_batch(spec, s, length=20) for s in streams]
+    n = [int(np.sum(b['decoder_target_tokens'][0] > 0)) for b in one]
+    length = 32
+    batch = {k: np.zeros((2, length), np.int32) for k in one[0]}
+    batch['decoder_segment_ids'] = np.zeros((2, length), np.int32)
+    at = 0
+    for seg, (b, size) in enumerate(zip(one, n), start=1):
+      for key in one[0]:
+        batch[key][:, at:at + size] = b[key][:, :size]
+      batch['decoder_segment_ids'][:, at:at + size] = seg
+      at += size
+    params = {'model': model.module.init(jax.random.PRNGKey(3),
+                                         jnp.asarray(batch['decoder_input_tokens']))['params']}
+    targets = jnp.asarray(batch['decoder_target_tokens'])
+
+    def reference(b, p=params):
+      logits = model.restrict_logits(model.logits(p, b), b['decoder_target_tokens'])
+      return cross_entropy_with_integer_labels(logits, b['decoder_target_tokens'],
+                                               model.loss_weights(b), 1e-3)
+
+    loss_sum, correct, weight = jax.jit(reference)(batch)
+    assert float(weight) == float(np.sum(spec.target_levels(np.asarray(targets)) >= 0))
+    losses, metrics, _ = jax.jit(model.compute_losses)(params, {}, batch, jax.random.PRNGKey(1))
+    np.testing.assert_allclose(losses['model'], loss_sum / weight, rtol=1e-5)
+    np.testing.assert_allclose(metrics['accuracy'], correct / weight, rtol=1e-6)
+    ratios = jax.device_get(jax.jit(model.eval_metrics)(params, {}, batch))
+    assert float(ratios['loss'][1]) == float(weight)
+    # The head's gradient equals the reference's (the read-out columns it never reads get 0).
+    ref_grad = jax.grad(lambda p: reference(batch, p)[0] / weight)(params)
+    head_grad = jax.grad(
+        lambda p: model.compute_losses(p, {}, batch, jax.random.PRNGKey(1))[0]['model'])(params)
+    for a, b in zip(jax.tree.leaves(ref_grad), jax.tree.leaves(head_grad)):
+      np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
 
 
 def test_conditioning_dropout_replaces_whole_streams_at_rate_p_and_never_the_targets():
