@@ -15,7 +15,10 @@ decoded so far needs, not the final length; the loop is a jitted while loop per 
 is packed ([batch * heads, length, head_dim], `transformer.pack_decoder_cache`): the attention
 dots then read it in place, where XLA:CPU would copy a 4-D cache on every step. A scan_layers
 model is decoded unrolled (`transformer.unroll_layers`), its stacked weights split once per
-call rather than sliced on every step.
+call rather than sliced on every step. When every row of the vocab mask is one run of
+consecutive ids of one width (an RVQ level's codes: `sampling.row_slices`), a step reads out
+only those columns (`transformer.readout_columns`: 1,024 of the fine stage's 12,416), so the
+read-out and the sampling over it cost a level, not the vocabulary.
 
 Conventions:
   * Every prompt token is a real key, including a BOS of id 0 (as in training, where the
@@ -63,13 +66,16 @@ class DecodeState:
     cache: the Decoder's 'cache' collection, rows [cond; uncond] when guided; packed
       (`transformer.pack_decoder_cache`) when `packed`. It holds the prompt and the tokens fed
       so far and grows through `cache_lengths(prompt_length, max_steps)` as they fill it.
-    logits: [rows, vocab] float32 logits of the next token.
+    logits: [rows, vocab] float32 logits of the next token; with `head_width`, [rows,
+      head_width]: the logits of the ids [head_starts[r], + head_width) only, r = the next
+      token's mask row.
     step: int32 scalar, tokens generated so far.
     keys: [batch] per-row PRNG keys.
     temperature, top_k, top_p, guidance_scale: [batch] per-row sampling settings.
     vocab_mask: bool [period, vocab]; generated token t is drawn from row
       (t + phase) % period.
     phase: int32 scalar.
+    head_starts: int32 [period], the first id of each mask row's run (used with head_width).
     guided: static, whether rows hold [cond; uncond] pairs.
     filtering: static, whether top-k / top-p are applied (False when disabled everywhere).
     greedy: static, whether every row has temperature 0 (no random draws at all).
@@ -77,6 +83,8 @@ class DecodeState:
     max_steps: static, how many tokens the cache grows to have room for.
     prompt_length: static, the prompt length P (the cache's first positions).
     packed: static, whether the cache is packed (it is, unless sharded by a partitioner).
+    head_width: static; > 0: every mask row is one run of this many consecutive ids, and the
+      logits are those of the run only; 0: the whole vocabulary.
   """
   cache: PyTree
   logits: Array
@@ -88,6 +96,7 @@ class DecodeState:
   guidance_scale: Array
   vocab_mask: Array
   phase: Array
+  head_starts: Array
   guided: bool = flax.struct.field(pytree_node=False, default=False)
   filtering: bool = flax.struct.field(pytree_node=False, default=True)
   greedy: bool = flax.struct.field(pytree_node=False, default=False)
@@ -95,6 +104,11 @@ class DecodeState:
   max_steps: int = flax.struct.field(pytree_node=False, default=0)
   prompt_length: int = flax.struct.field(pytree_node=False, default=0)
   packed: bool = flax.struct.field(pytree_node=False, default=False)
+  head_width: int = flax.struct.field(pytree_node=False, default=0)
+
+  def head_start(self, step: Array) -> Array:
+    """The first id of the run that token `step` is drawn from (with head_width)."""
+    return self.head_starts[(step + self.phase) % self.head_starts.shape[0]]
 
   @property
   def batch_size(self) -> int:
@@ -167,30 +181,40 @@ def cache_lengths(prompt_length: int, max_steps: int) -> tuple[int, ...]:
 
 
 def _forward(model: transformer.Decoder, params: PyTree, cache: PyTree, tokens: Array,
-             packed: bool, segment_ids: Optional[Array] = None) -> tuple[Array, PyTree]:
-  """Appends `tokens` [rows, n] to the cache; returns the logits of the last one and the cache."""
-  logits, mutated = model.apply({'params': params, 'cache': cache}, tokens,
-                                segment_ids=segment_ids, decode=True, mutable=['cache'])
-  return logits[:, -1], _constrain_cache(mutated['cache'], packed)
+             packed: bool, segment_ids: Optional[Array] = None, *, head_start=None,
+             head_width: int = 0) -> tuple[Array, PyTree]:
+  """Appends `tokens` [rows, n] to the cache; returns the logits of the last one and the cache
+  (with `head_width`, the logits of ids [head_start, head_start + head_width) only)."""
+  out, mutated = model.apply({'params': params, 'cache': cache}, tokens,
+                             segment_ids=segment_ids, decode=True, mutable=['cache'],
+                             features_only=head_width > 0)
+  out = out[:, -1]
+  if head_width:
+    columns = transformer.readout_columns(model.config, params, head_start, head_width)
+    out = jnp.dot(out.astype(columns.dtype), columns).astype(jnp.float32)
+  return out, _constrain_cache(mutated['cache'], packed)
 
 
 def _start_impl(params, prompt_rows, segment_ids, keys, temperature, top_k, top_p,
-                guidance_scale, vocab_mask, phase, *, model, max_steps, cache_length, packed,
-                guided, filtering, greedy, top_k_bound, sharding) -> DecodeState:
+                guidance_scale, vocab_mask, phase, head_starts, *, model, max_steps,
+                cache_length, packed, guided, filtering, greedy, top_k_bound, head_width,
+                sharding) -> DecodeState:
   with _rules_context(sharding):
     model, params = transformer.unroll_layers(model, params)
     rows, prompt_length = prompt_rows.shape
     cache = _constrain_cache(
         transformer.init_decoder_cache(model, rows, cache_length, packed=packed), packed)
     prompt_rows = nn.with_logical_constraint(prompt_rows, ('batch', 'length'))
-    # Prefill: the whole prompt in one pass, causal within the chunk.
-    logits, cache = _forward(model, params, cache, prompt_rows, packed, segment_ids)
-    return DecodeState(
-        cache=cache, logits=logits, step=jnp.zeros((), jnp.int32), keys=keys,
+    state = DecodeState(
+        cache=cache, logits=jnp.zeros(()), step=jnp.zeros((), jnp.int32), keys=keys,
         temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale,
-        vocab_mask=vocab_mask, phase=phase, guided=guided, filtering=filtering,
-        greedy=greedy, top_k_bound=top_k_bound, max_steps=max_steps,
-        prompt_length=prompt_length, packed=packed)
+        vocab_mask=vocab_mask, phase=phase, head_starts=head_starts, guided=guided,
+        filtering=filtering, greedy=greedy, top_k_bound=top_k_bound, max_steps=max_steps,
+        prompt_length=prompt_length, packed=packed, head_width=head_width)
+    # Prefill: the whole prompt in one pass, causal within the chunk.
+    logits, cache = _forward(model, params, cache, prompt_rows, packed, segment_ids,
+                             head_start=state.head_start(state.step), head_width=head_width)
+    return state.replace(cache=cache, logits=logits)
 
 
 def _choose(state: DecodeState, logits: Array) -> Array:
@@ -203,11 +227,15 @@ def _choose(state: DecodeState, logits: Array) -> Array:
     scores = scale * cond + (1.0 - scale) * uncond
   period = state.vocab_mask.shape[0]
   allowed = state.vocab_mask[(state.step + state.phase) % period]
+  start = 0
+  if state.head_width:  # the logits are those of the row's run of ids only
+    start = state.head_start(state.step)
+    allowed = lax.dynamic_slice_in_dim(allowed, start, state.head_width)
   step_keys = None if state.greedy else jax.vmap(jax.random.fold_in, in_axes=(0, None))(
       state.keys, state.step)
-  return sampling.sample(step_keys, scores, state.temperature, state.top_k, state.top_p,
-                         allowed[None, :], filtering=state.filtering, greedy=state.greedy,
-                         top_k_bound=state.top_k_bound)
+  return start + sampling.sample(
+      step_keys, scores, state.temperature, state.top_k, state.top_p, allowed[None, :],
+      filtering=state.filtering, greedy=state.greedy, top_k_bound=state.top_k_bound)
 
 
 def _steps_impl(params, state: DecodeState, tokens: Array, stop: Array, *, model, sharding
@@ -230,7 +258,9 @@ def _steps_impl(params, state: DecodeState, tokens: Array, stop: Array, *, model
       feed = jnp.concatenate([token, token]) if state.guided else token
       # The last token of the last chunk is fed too (the cache has room for max_steps): one
       # extra forward per decode keeps every step identical, whichever way steps are chunked.
-      logits, cache = _forward(unrolled, params, cache, feed[:, None], state.packed)
+      logits, cache = _forward(unrolled, params, cache, feed[:, None], state.packed,
+                               head_start=state.head_start(step + 1),
+                               head_width=state.head_width)
       tokens = lax.dynamic_update_slice(tokens, token[:, None],
                                         (jnp.int32(0), state.prompt_length + step))
       return cache, logits, step + 1, tokens
@@ -260,7 +290,7 @@ def _window_impl(tokens: Array, start: Array, *, size, sharding) -> Array:
 _start_jit = jax.jit(
     _start_impl,
     static_argnames=('model', 'max_steps', 'cache_length', 'packed', 'guided', 'filtering',
-                     'greedy', 'top_k_bound', 'sharding'))
+                     'greedy', 'top_k_bound', 'head_width', 'sharding'))
 # The state (mostly the cache) is donated: each stretch of steps updates it in place.
 _steps_jit = jax.jit(_steps_impl, static_argnames=('model', 'sharding'),
                      donate_argnames=('state', 'tokens'))
@@ -447,9 +477,15 @@ def _prepare_inputs(model, prompt, max_steps, rng, temperature, top_k, top_p, vo
       top_k=per_row(top_k, jnp.int32), top_p=per_row(top_p, jnp.float32),
       guidance_scale=per_row(guidance_scale, jnp.float32),
       vocab_mask=jnp.asarray(vocab_mask), phase=jnp.asarray(phase, jnp.int32))
-  top_k_bound = sampling.top_k_bound_for(top_k_values, vocab)
+  # Rows that are runs of consecutive ids of one width (RVQ levels): read out only the run.
+  runs = sampling.row_slices(vocab_mask)
+  head_width = runs[1] if runs is not None and runs[1] < vocab else 0
+  args['head_starts'] = jnp.asarray(runs[0] if head_width else
+                                    np.zeros(vocab_mask.shape[0], np.int32))
+  top_k_bound = sampling.top_k_bound_for(top_k_values, head_width or vocab)
   return rows, segment_ids, args, max_steps, dict(guided=guided, filtering=filtering,
-                                                  greedy=greedy, top_k_bound=top_k_bound)
+                                                  greedy=greedy, top_k_bound=top_k_bound,
+                                                  head_width=head_width)
 
 
 def _run(model, params, rows, segment_ids, args, max_steps, flags, *, partitioner,

@@ -57,6 +57,25 @@ def level_vocab_mask(vocab_size: int, offsets: list[int], level_size: int) -> np
   return mask
 
 
+def row_slices(mask: np.ndarray) -> Optional[tuple[np.ndarray, int]]:
+  """(first ids int32 [period], width) when every row of a checked bool [period, vocab] mask
+  allows one run of consecutive ids, all runs of one width; else None.
+
+  The sampler then reads out only those `width` columns a step (`decoding`): a stage's
+  per-level mask (`level_vocab_mask`) is of this form.
+  """
+  starts, widths = [], []
+  for row in np.asarray(mask, bool):
+    ids = np.flatnonzero(row)
+    if ids.size == 0 or ids[-1] - ids[0] + 1 != ids.size:
+      return None
+    starts.append(ids[0])
+    widths.append(ids.size)
+  if len(set(widths)) != 1:
+    return None
+  return np.asarray(starts, np.int32), int(widths[0])
+
+
 def per_row(value: ArrayLike, batch: int, dtype) -> Array:
   """A scalar or [batch] setting as a [batch] array."""
   value = jnp.asarray(value, dtype)

@@ -409,6 +409,26 @@ class Decoder(nn.Module):
     return logits.astype(jnp.float32)
 
 
+def readout_columns(config: TransformerConfig, params: Any, start: Any, width: int) -> Array:
+  """[embed, width]: the read-out's columns of ids [start, start + width), in the compute dtype.
+
+  `Decoder` logits of those ids are `features @ readout_columns(...)` (features: the decoder's
+  output with `features_only=True`), the tied table's rescaling included. A caller that needs
+  only a slice of the vocabulary (an RVQ level's codes) reads out just that slice.
+
+  Args:
+    config: the Decoder's configuration.
+    params: the Decoder's parameters (its own tree, unboxed).
+    start: first id; an int or a traced int32 scalar (a dynamic slice).
+    width: static number of ids.
+  """
+  if config.logits_via_embedding:
+    table = lax.dynamic_slice_in_dim(params['token_embedder']['embedding'], start, width, 0)
+    return (table.astype(config.dtype) / np.sqrt(config.embed_dim).astype(np.float32)).T
+  kernel = lax.dynamic_slice_in_dim(params['logits_dense']['kernel'], start, width, 1)
+  return kernel.astype(config.dtype)
+
+
 def init_decoder_cache(model: Decoder, batch_size: int, max_length: int,
                        packed: bool = False) -> Any:
   """Creates an all-zero decode cache without computing any parameters.

@@ -140,15 +140,10 @@ class StageModel(DecoderOnlyLM):
 
   def level_readout(self, params) -> Array:
     """[levels, embed, codebook_size]: each predicted level's columns of the read-out."""
-    cfg = self.config
     size = self.spec.target.codebook_size
-    offsets = [int(o) for o in self.spec.level_offsets(self.spec.target.name)]
     p = meta.unbox(params['model'])  # apply() unboxes too: init's params may be boxed
-    if cfg.logits_via_embedding:  # as Decoder: the tied table, rescaled
-      table = p['token_embedder']['embedding'].astype(cfg.dtype)
-      return jnp.stack([table[o:o + size].T for o in offsets]) / float(np.sqrt(cfg.embed_dim))
-    kernel = p['logits_dense']['kernel'].astype(cfg.dtype)
-    return jnp.stack([kernel[:, o:o + size] for o in offsets])
+    return jnp.stack([transformer.readout_columns(self.config, p, int(o), size)
+                      for o in self.spec.level_offsets(self.spec.target.name)])
 
   def level_logits(self, params, batch, weights: Array, *,
                    rng: Optional[Array] = None) -> tuple[Array, Array, Array]:

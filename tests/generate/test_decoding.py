@@ -74,14 +74,57 @@ def test_greedy_decoding_equals_argmax_of_full_forward(greedy, prompt, forward):
 
 
 def test_prefill_and_step_logits_equal_full_forward(params, prompt, sampled, forward):
+  # The level mask's rows are runs of 30 ids (from 4 and from 34): a step reads out only the
+  # run of the token it draws next, so its logits are the full forward's over that run.
   state = generate.start_decode(MODEL, params, prompt, STEPS, jax.random.key(7), **SAMPLED)
+  assert state.head_width == 30 and np.asarray(state.head_starts).tolist() == [4, 34]
   tokens = np.concatenate([np.asarray(prompt), sampled], axis=1)
   full = forward(tokens)
-  np.testing.assert_allclose(np.asarray(state.logits), full[:, PROMPT - 1], atol=1e-5,
+  run = lambda t: slice(*(lambda s: (s, s + 30))([4, 34][(t + SAMPLED['phase']) % 2]))
+  np.testing.assert_allclose(np.asarray(state.logits), full[:, PROMPT - 1, run(0)], atol=1e-5,
                              rtol=1e-5)
   state, _ = generate.decode_steps(MODEL, params, state, 4)
-  np.testing.assert_allclose(np.asarray(state.logits), full[:, PROMPT + 3], atol=1e-5,
+  np.testing.assert_allclose(np.asarray(state.logits), full[:, PROMPT + 3, run(4)], atol=1e-5,
                              rtol=1e-5)
+  # A mask whose rows are not runs of one width reads out the whole vocabulary.
+  scattered = np.zeros((1, CONFIG.vocab_size), bool)
+  scattered[0, 4::2] = True
+  state = generate.start_decode(MODEL, params, prompt, STEPS, jax.random.key(7),
+                                vocab_mask=scattered)
+  assert state.head_width == 0
+  np.testing.assert_allclose(np.asarray(state.logits), full[:, PROMPT - 1], atol=1e-5,
+                             rtol=1e-5)
+  out = np.asarray(generate.decode(MODEL, params, prompt, STEPS, jax.random.key(7),
+                                   vocab_mask=scattered))
+  assert scattered[0, out].all()
+
+
+def test_level_read_out_samples_the_masked_whole_vocabulary_distribution(params, prompt):
+  # Reading out one run of ids is the masked softmax over the vocabulary, not an
+  # approximation (greedy: test_greedy_decoding_equals_argmax_of_full_forward, whose mask is
+  # one run too): the first step's token frequencies over 4,000 rows of one prompt match the
+  # masked softmax of the full logits at temperature 0.5.
+  runs = sampling.level_vocab_mask(CONFIG.vocab_size, [4, 34], 30)
+  scattered = runs.copy()
+  scattered[:, 0] = True  # id 0 allowed too: not one run a row -> the whole vocabulary
+  state = generate.start_decode(MODEL, params, prompt[:1], 1, jax.random.key(7),
+                                vocab_mask=scattered)
+  assert state.head_width == 0
+  full_logits = np.asarray(state.logits, np.float64)[0]
+  rows = 4000
+  same = jnp.broadcast_to(prompt[:1], (rows, PROMPT))
+  first = np.asarray(generate.decode(MODEL, params, same, 1, jax.random.key(3),
+                                     temperature=0.5, vocab_mask=runs))[:, 0]
+  assert runs[0][first].all()
+  masked = np.where(runs[0], full_logits / 0.5, -np.inf)
+  probs = np.exp(masked - masked.max())
+  probs /= probs.sum()
+  counts = np.bincount(first, minlength=CONFIG.vocab_size) / rows
+  tv = 0.5 * np.abs(counts - probs).sum()
+  # Sampling noise alone: about 0.5 * sum(sqrt(2 p / (pi n))) <= 0.04 here; a read-out of the
+  # wrong columns or a wrong normaliser is far off (the distribution is peaked).
+  assert probs.max() > 0.1
+  assert tv < 0.06, (tv, probs.max())
 
 
 def test_chunked_decoding_equals_one_shot(params, prompt, sampled):
@@ -132,7 +175,9 @@ def test_growing_cache_decodes_like_a_full_one(params, prompt, sampled, greedy, 
   state, rest = generate.decode_steps(MODEL, params, state, 4)
   np.testing.assert_array_equal(np.concatenate([first, second, rest], axis=1), sampled)
   tokens = np.concatenate([np.asarray(prompt), sampled], axis=1)
-  np.testing.assert_allclose(np.asarray(state.logits), forward(tokens)[:, -1], atol=1e-5,
+  next_run = [4, 34][(STEPS + SAMPLED['phase']) % 2]  # the read-out of token STEPS's level
+  np.testing.assert_allclose(np.asarray(state.logits),
+                             forward(tokens)[:, -1, next_run:next_run + 30], atol=1e-5,
                              rtol=1e-5)
   one_shot = generate.decode(MODEL, params, prompt, STEPS, jax.random.key(7), **SAMPLED)
   np.testing.assert_array_equal(np.asarray(one_shot), sampled)
