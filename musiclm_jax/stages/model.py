@@ -51,7 +51,8 @@ class StageModel(DecoderOnlyLM):
   `codebook_size` columns a position instead of the whole vocabulary (coarse: 1,024 of 5,120;
   fine: 1,024 of 12,416), and the prefix positions, which carry no loss, none at all. The
   result equals the masked whole-vocabulary softmax (`restrict_logits`, kept as the reference);
-  sampling reads the whole head and masks it (`StageSpec.vocab_mask`), the same distribution.
+  the sampler reads out only the step's level too (musiclm_jax/generate/decoding.py, for a
+  vocab mask whose rows are runs of ids), the same distribution.
 
   Conditioning dropout (training only, for classifier-free guidance): each example (each packed
   segment) drops each droppable conditioning stream (MuLan, melody) independently with
@@ -165,7 +166,8 @@ class StageModel(DecoderOnlyLM):
     slots = -(-length // period)
     levels = self.spec.target_levels(targets)  # [B, L], -1 outside the predicted stream
     # Each level's positions first, in order (stable sort on "is not level k"); a level of a
-    # frame-major stream holds at most ceil(L / levels) positions of a row, packed or not.
+    # frame-major stream of whole frames holds at most ceil(L / levels) positions of a row,
+    # packed or not (a position past that bound would get no loss).
     order = jnp.stack([jnp.argsort((levels != k).astype(jnp.int32), axis=1, stable=True)
                        [:, :slots] for k in range(period)], axis=1)  # [B, K, T]
     flat = order.reshape(b, period * slots)
