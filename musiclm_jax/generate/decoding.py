@@ -225,16 +225,15 @@ def _choose(state: DecodeState, logits: Array) -> Array:
     scale = state.guidance_scale[:, None]
     # Equal to uncond + scale * (cond - uncond), and exact at scale 0 and 1.
     scores = scale * cond + (1.0 - scale) * uncond
-  period = state.vocab_mask.shape[0]
-  allowed = state.vocab_mask[(state.step + state.phase) % period]
-  start = 0
-  if state.head_width:  # the logits are those of the row's run of ids only
-    start = state.head_start(state.step)
-    allowed = lax.dynamic_slice_in_dim(allowed, start, state.head_width)
+  if state.head_width:  # the logits are those of the row's run of ids, every one allowed
+    start, allowed = state.head_start(state.step), None
+  else:
+    period = state.vocab_mask.shape[0]
+    start, allowed = 0, state.vocab_mask[(state.step + state.phase) % period][None, :]
   step_keys = None if state.greedy else jax.vmap(jax.random.fold_in, in_axes=(0, None))(
       state.keys, state.step)
   return start + sampling.sample(
-      step_keys, scores, state.temperature, state.top_k, state.top_p, allowed[None, :],
+      step_keys, scores, state.temperature, state.top_k, state.top_p, allowed,
       filtering=state.filtering, greedy=state.greedy, top_k_bound=state.top_k_bound)
 
 
