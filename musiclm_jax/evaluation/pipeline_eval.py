@@ -93,7 +93,8 @@ FAD_EMBEDDERS = ('musicnn', 'mulan') + tuple(embedders_lib.SAVED_MODEL_EMBEDDERS
 # The pipeline parts whose source runs' eval curves the report plots, and the scalars plotted.
 CURVE_PARTS = ('semantic_stage', 'coarse_stage', 'fine_stage')
 CURVE_METRICS = ('eval/loss', 'eval/accuracy', 'eval/loss_unconditional',
-                 'eval/accuracy_unconditional')
+                 'eval/accuracy_unconditional', 'eval/loss/window_start',
+                 'eval/loss_unconditional/window_start')
 
 
 class EvalError(ValueError):

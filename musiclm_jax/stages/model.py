@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import Mapping, Optional
 
 import gin
@@ -61,12 +62,22 @@ class StageModel(DecoderOnlyLM):
   learns p(target | no conditioning). Predicted tokens are never touched. The draws come from
   the step's rng inside the jitted step, so they are the same on any mesh.
 
+  Window-start weighting (training only): with `start_weight` A > 0, the loss weight of a
+  predicted token in frame f of its example's predicted stream (f counted from 0 in each packed
+  segment) is multiplied by 1 + A exp(-f / `start_decay`). A window's first frames have no
+  acoustic context, so they are the only tokens whose distribution the conditioning (MuLan) sets
+  rather than the frames before them, and at generation the first frames of a clip fix the
+  timbre that later windows continue; unweighted, they are 1-3% of a window's loss. The
+  training 'loss' and 'accuracy' are then weighted means; evaluation stays unweighted.
+
   Evaluation metrics ({name: (sum, weight)}): 'loss', 'accuracy' over every predicted token;
   'loss/level_N', 'accuracy/level_N' per predicted RVQ level, N counted as the feature counts its
   levels from 1 (coarse: 1-4, fine: 5-12; the semantic stage has level_1 only); and, when the
   spec has droppable streams and `eval_unconditional`, 'loss_unconditional' and
   'accuracy_unconditional' with every droppable stream dropped (the gap to 'loss' measures how
-  much the model uses its conditioning).
+  much the model uses its conditioning); and 'loss/window_start' (with 'loss_unconditional/
+  window_start'): the loss over the first `start_frames` frames of each example's predicted
+  stream, where the conditioning has the most to say.
 
   Args:
     spec: the stage's token layout.
@@ -81,13 +92,17 @@ class StageModel(DecoderOnlyLM):
     eval_unconditional: also evaluate with the droppable streams dropped.
     level_softmax: restrict each predicted position's softmax to its level's ids (training and
       evaluation); False: the softmax over the whole vocabulary.
+    start_weight: A, the extra training weight of a window's first frames (0: none).
+    start_decay: its decay, in frames (> 0).
+    start_frames: frames counted by the 'loss/window_start' metrics (0: no such metrics).
   """
 
   def __init__(self, spec: StageSpec = gin.REQUIRED,
                config: transformer.TransformerConfig = gin.REQUIRED,
                optimizer: OptimizerConfig = OptimizerConfig(), z_loss: float = 0.0,
                conditioning_dropout: float = 0.0, vocab_multiple: int = 128,
-               eval_unconditional: bool = True, level_softmax: bool = True):
+               eval_unconditional: bool = True, level_softmax: bool = True,
+               start_weight: float = 0.0, start_decay: float = 4.0, start_frames: int = 5):
     if not 0.0 <= conditioning_dropout <= 1.0:
       raise ValueError(f'StageModel.conditioning_dropout={conditioning_dropout}: a probability '
                        'in [0, 1]')
@@ -105,6 +120,15 @@ class StageModel(DecoderOnlyLM):
     self.conditioning_dropout = float(conditioning_dropout)
     self.eval_unconditional = bool(eval_unconditional)
     self.level_softmax = bool(level_softmax)
+    if not (math.isfinite(start_weight) and start_weight >= 0.0):
+      raise ValueError(f'StageModel.start_weight={start_weight}: a finite weight >= 0')
+    if not (math.isfinite(start_decay) and start_decay > 0.0):
+      raise ValueError(f'StageModel.start_decay={start_decay}: a finite number of frames > 0')
+    if int(start_frames) < 0:
+      raise ValueError(f'StageModel.start_frames={start_frames}: a number of frames >= 0')
+    self.start_weight = float(start_weight)
+    self.start_decay = float(start_decay)
+    self.start_frames = int(start_frames)
 
   # ------------------------------------------------------------------------------ sizes
   def num_params(self, length: int = 8) -> int:
@@ -121,6 +145,27 @@ class StageModel(DecoderOnlyLM):
     weights = jnp.ones(targets.shape, jnp.float32) if weights is None else weights
     predicted = self.spec.target_levels(targets) >= 0
     return weights.astype(jnp.float32) * predicted.astype(jnp.float32)
+
+  def predicted_frames(self, batch: Mapping[str, Array]) -> Array:
+    """int32 [B, L]: each predicted position's frame in its example's predicted stream (from 0,
+    restarting at every packed segment); -1 where the target is not predicted."""
+    predicted = self.spec.target_levels(batch['decoder_target_tokens']) >= 0
+    count = jnp.cumsum(predicted.astype(jnp.int32), axis=1)  # predicted positions up to here
+    segments = self._segment_ids(batch)
+    starts = jnp.concatenate([jnp.ones_like(segments[:, :1], bool),
+                              segments[:, 1:] != segments[:, :-1]], axis=1)
+    # The count before each segment's first position, carried forward (count never decreases).
+    before = jax.lax.cummax(jnp.where(starts, count - predicted.astype(jnp.int32), 0), axis=1)
+    index = count - before - 1
+    return jnp.where(predicted, index // self.spec.period, -1)
+
+  def start_weights(self, batch: Mapping[str, Array], weights: Array) -> Array:
+    """`weights` times 1 + start_weight exp(-frame / start_decay) on predicted positions."""
+    if self.start_weight <= 0.0:
+      return weights
+    frames = self.predicted_frames(batch).astype(jnp.float32)
+    boost = 1.0 + self.start_weight * jnp.exp(-jnp.maximum(frames, 0.0) / self.start_decay)
+    return weights * boost
 
   def restrict_logits(self, logits: Array, targets: Array) -> Array:
     """With `level_softmax`: logits [B, L, V] with every id outside each predicted position's
@@ -146,6 +191,24 @@ class StageModel(DecoderOnlyLM):
     return jnp.stack([transformer.readout_columns(self.config, p, int(o), size)
                       for o in self.spec.level_offsets(self.spec.target.name)])
 
+  def _level_order(self, targets: Array) -> Array:
+    """int32 [B, levels * T]: the level head's order of a row's positions (level_logits)."""
+    levels = self.spec.target_levels(targets)  # [B, L], -1 outside the predicted stream
+    slots = -(-targets.shape[1] // self.spec.period)
+    # Each level's positions first, in order (stable sort on "is not level k"); a level of a
+    # frame-major stream of whole frames holds at most ceil(L / levels) positions of a row,
+    # packed or not (a position past that bound would get no loss).
+    order = jnp.stack([jnp.argsort((levels != k).astype(jnp.int32), axis=1, stable=True)
+                       [:, :slots] for k in range(self.spec.period)], axis=1)  # [B, K, T]
+    return order.reshape(targets.shape[0], -1)
+
+  def level_layout(self, batch: Mapping[str, Array], values: Array) -> Array:
+    """[B, L] per-position values -> [B, levels, T] in the level head's layout."""
+    targets = batch['decoder_target_tokens']
+    flat = self._level_order(targets)
+    return jnp.take_along_axis(values, flat, axis=1).reshape(
+        targets.shape[0], self.spec.period, -1)
+
   def level_logits(self, params, batch, weights: Array, *,
                    rng: Optional[Array] = None) -> tuple[Array, Array, Array]:
     """The level head: (logits [B, levels, T, codebook_size] float32, codes [B, levels, T],
@@ -161,18 +224,12 @@ class StageModel(DecoderOnlyLM):
     """
     x = self.features(params, batch, rng=rng)  # [B, L, D]
     targets = batch['decoder_target_tokens']
-    b, length = targets.shape
-    period = self.spec.period
-    slots = -(-length // period)
-    levels = self.spec.target_levels(targets)  # [B, L], -1 outside the predicted stream
-    # Each level's positions first, in order (stable sort on "is not level k"); a level of a
-    # frame-major stream of whole frames holds at most ceil(L / levels) positions of a row,
-    # packed or not (a position past that bound would get no loss).
-    order = jnp.stack([jnp.argsort((levels != k).astype(jnp.int32), axis=1, stable=True)
-                       [:, :slots] for k in range(period)], axis=1)  # [B, K, T]
-    flat = order.reshape(b, period * slots)
+    b, period = targets.shape[0], self.spec.period
+    flat = self._level_order(targets)
+    slots = flat.shape[1] // period
     xs = jnp.take_along_axis(x, flat[..., None], axis=1).reshape(b, period, slots, -1)
     take = lambda a: jnp.take_along_axis(a, flat, axis=1).reshape(b, period, slots)
+    levels = self.spec.target_levels(targets)  # [B, L], -1 outside the predicted stream
     in_level = take(levels) == jnp.arange(period, dtype=jnp.int32)[None, :, None]
     w = take(weights) * in_level.astype(jnp.float32)
     offsets = jnp.asarray(self.spec.level_offsets(self.spec.target.name))[None, :, None]
@@ -228,11 +285,11 @@ class StageModel(DecoderOnlyLM):
     drop_rng, dropout_rng = jax.random.split(rng)
     batch, metrics = self.drop_conditioning(batch, drop_rng)
     targets = batch['decoder_target_tokens']
+    weights = self.start_weights(batch, self.loss_weights(batch))
     if self.level_softmax:
-      logits, targets, weights = self.level_logits(
-          params, batch, self.loss_weights(batch), rng=dropout_rng)
+      logits, targets, weights = self.level_logits(params, batch, weights, rng=dropout_rng)
     else:
-      logits, weights = self.logits(params, batch, rng=dropout_rng), self.loss_weights(batch)
+      logits = self.logits(params, batch, rng=dropout_rng)
     loss_sum, correct, weight = cross_entropy_with_integer_labels(
         logits, targets, weights, self.z_loss)
     denom = jnp.maximum(weight, 1.0)
@@ -241,19 +298,26 @@ class StageModel(DecoderOnlyLM):
     return {'model': loss}, metrics, model_state
 
   def _eval_logits(self, params, batch):
-    """(logits, targets, weights, level of each target position) for the evaluation metrics."""
+    """(logits, targets, weights, level and frame of each target position) for the evaluation
+    metrics."""
     weights = self.loss_weights(batch)
+    frames = self.predicted_frames(batch)
     if self.level_softmax:
       logits, codes, w = self.level_logits(params, batch, weights)
       levels = jnp.broadcast_to(jnp.arange(self.spec.period)[None, :, None], codes.shape)
-      return logits, codes, w, levels
+      return logits, codes, w, levels, self.level_layout(batch, frames)
     targets = batch['decoder_target_tokens']
-    return self.logits(params, batch), targets, weights, self.spec.target_levels(targets)
+    return (self.logits(params, batch), targets, weights, self.spec.target_levels(targets),
+            frames)
 
   def eval_metrics(self, params, model_state, batch):
-    logits, targets, weights, levels = self._eval_logits(params, batch)
+    logits, targets, weights, levels, frames = self._eval_logits(params, batch)
     loss_sum, correct, weight = cross_entropy_with_integer_labels(logits, targets, weights)
     out = {'loss': (loss_sum, weight), 'accuracy': (correct, weight)}
+    start = ((frames >= 0) & (frames < self.start_frames)).astype(jnp.float32)
+    if self.start_frames:
+      s_sum, _, s_weight = cross_entropy_with_integer_labels(logits, targets, weights * start)
+      out['loss/window_start'] = (s_sum, s_weight)
     for level in range(self.spec.period):
       w = weights * (levels == level).astype(jnp.float32)
       l_sum, l_correct, l_weight = cross_entropy_with_integer_labels(logits, targets, w)
@@ -261,11 +325,16 @@ class StageModel(DecoderOnlyLM):
       out[f'loss/level_{number}'] = (l_sum, l_weight)
       out[f'accuracy/level_{number}'] = (l_correct, l_weight)
     if self.eval_unconditional and self.spec.droppable:
-      u_logits, u_targets, u_weights, _ = self._eval_logits(params, self.unconditional(batch))
+      u_logits, u_targets, u_weights, _, _ = self._eval_logits(params,
+                                                               self.unconditional(batch))
       u_sum, u_correct, u_weight = cross_entropy_with_integer_labels(u_logits, u_targets,
                                                                      u_weights)
       out['loss_unconditional'] = (u_sum, u_weight)
       out['accuracy_unconditional'] = (u_correct, u_weight)
+      if self.start_frames:
+        s_sum, _, s_weight = cross_entropy_with_integer_labels(u_logits, u_targets,
+                                                               u_weights * start)
+        out['loss_unconditional/window_start'] = (s_sum, s_weight)
     return out
 
   def num_tokens(self, batch):

@@ -145,32 +145,38 @@ def test_level_softmax_normalises_each_position_over_its_own_levels_ids():
   np.testing.assert_array_equal(np.asarray(grad)[0, 0], 1.0)  # a prefix position: untouched
 
 
+def _packed_batch(model, spec):
+  """Two rows, each packing two examples (the second's levels start mid-row), and init params."""
+  rng = np.random.default_rng(7)
+  if spec.name == 'coarse':
+    # 17 then 12 tokens: the first's levels start at an odd position, the second's 17 later.
+    streams = [_coarse_streams(2, seed=5, frames=3), _coarse_streams(2, seed=6, frames=2)]
+  else:
+    streams = [{'coarse': rng.integers(0, SIZES.codec_codes, (2, 3, 2)),
+                'fine': rng.integers(0, SIZES.codec_codes, (2, 3, 1))} for _ in range(2)]
+  one = [_prefix_lm_batch(spec, s, length=20) for s in streams]
+  n = [int(np.sum(b['decoder_target_tokens'][0] > 0)) for b in one]
+  length = 32
+  batch = {k: np.zeros((2, length), np.int32) for k in one[0]}
+  batch['decoder_segment_ids'] = np.zeros((2, length), np.int32)
+  at = 0
+  for seg, (b, size) in enumerate(zip(one, n), start=1):
+    for key in one[0]:
+      batch[key][:, at:at + size] = b[key][:, :size]
+    batch['decoder_segment_ids'][:, at:at + size] = seg
+    at += size
+  params = {'model': model.module.init(jax.random.PRNGKey(3),
+                                       jnp.asarray(batch['decoder_input_tokens']))['params']}
+  return batch, params
+
+
 def test_level_head_equals_the_masked_whole_vocabulary_softmax_on_packed_rows():
   # The level head reads out only each level's columns, grouping a row's positions by level; on
   # rows packing two examples (the second's levels start mid-row) and for the fine stage (whose
   # prefix is itself codec levels) it must give the masked whole-vocabulary softmax's numbers.
   for spec in (spec_lib.coarse_stage_spec(SIZES), spec_lib.fine_stage_spec(SIZES)):
     model = _model(spec, z_loss=1e-3)
-    rng = np.random.default_rng(7)
-    if spec.name == 'coarse':
-      # 17 then 12 tokens: the first's levels start at an odd position, the second's 17 later.
-      streams = [_coarse_streams(2, seed=5, frames=3), _coarse_streams(2, seed=6, frames=2)]
-    else:
-      streams = [{'coarse': rng.integers(0, SIZES.codec_codes, (2, 3, 2)),
-                  'fine': rng.integers(0, SIZES.codec_codes, (2, 3, 1))} for _ in range(2)]
-    one = [_prefix_lm_batch(spec, s, length=20) for s in streams]
-    n = [int(np.sum(b['decoder_target_tokens'][0] > 0)) for b in one]
-    length = 32
-    batch = {k: np.zeros((2, length), np.int32) for k in one[0]}
-    batch['decoder_segment_ids'] = np.zeros((2, length), np.int32)
-    at = 0
-    for seg, (b, size) in enumerate(zip(one, n), start=1):
-      for key in one[0]:
-        batch[key][:, at:at + size] = b[key][:, :size]
-      batch['decoder_segment_ids'][:, at:at + size] = seg
-      at += size
-    params = {'model': model.module.init(jax.random.PRNGKey(3),
-                                         jnp.asarray(batch['decoder_input_tokens']))['params']}
+    batch, params = _packed_batch(model, spec)
     targets = jnp.asarray(batch['decoder_target_tokens'])
 
     def reference(b, p=params):
@@ -191,6 +197,45 @@ def test_level_head_equals_the_masked_whole_vocabulary_softmax_on_packed_rows():
         lambda p: model.compute_losses(p, {}, batch, jax.random.PRNGKey(1))[0]['model'])(params)
     for a, b in zip(jax.tree.leaves(ref_grad), jax.tree.leaves(head_grad)):
       np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+
+
+def test_window_start_weights_count_frames_from_each_packed_examples_first_predicted_token():
+  # start_weight multiplies frame f's loss weight by 1 + A exp(-f / decay), f counted from 0 in
+  # each packed example's predicted stream; 'loss/window_start' is the unweighted loss over
+  # frames < start_frames, conditioned and not.
+  for spec in (spec_lib.coarse_stage_spec(SIZES), spec_lib.fine_stage_spec(SIZES)):
+    model = _model(spec, z_loss=1e-3, start_weight=3.0, start_decay=1.5, start_frames=2)
+    batch, params = _packed_batch(model, spec)
+    targets = batch['decoder_target_tokens']
+    predicted = spec.target_levels(targets) >= 0
+    expected = np.full(targets.shape, -1)
+    for row in range(targets.shape[0]):
+      for seg in (1, 2):
+        where = np.flatnonzero(predicted[row] & (batch['decoder_segment_ids'][row] == seg))
+        expected[row, where] = np.arange(len(where)) // spec.period
+    assert expected.max() >= 2  # frames past start_frames exist
+    np.testing.assert_array_equal(jax.jit(model.predicted_frames)(batch), expected)
+
+    def reference(b, weights, p=params):
+      logits = model.restrict_logits(model.logits(p, b), b['decoder_target_tokens'])
+      return cross_entropy_with_integer_labels(logits, b['decoder_target_tokens'], weights,
+                                               1e-3)
+
+    boost = np.where(expected >= 0, 1.0 + 3.0 * np.exp(-np.maximum(expected, 0) / 1.5), 1.0)
+    weights = np.asarray(model.loss_weights(batch)) * boost
+    loss_sum, _, weight = jax.jit(reference)(batch, jnp.asarray(weights, jnp.float32))
+    losses, _, _ = jax.jit(model.compute_losses)(params, {}, batch, jax.random.PRNGKey(1))
+    np.testing.assert_allclose(losses['model'], loss_sum / weight, rtol=1e-5)
+    start = np.asarray(model.loss_weights(batch)) * ((expected >= 0) & (expected < 2))
+    metrics = jax.device_get(jax.jit(model.eval_metrics)(params, {}, batch))
+    # eval uses no z-loss: compare against the reference without it.
+    logits = model.restrict_logits(model.logits(params, batch), jnp.asarray(targets))
+    s_sum, _, s_weight = cross_entropy_with_integer_labels(logits, jnp.asarray(targets),
+                                                           jnp.asarray(start, jnp.float32))
+    np.testing.assert_allclose(metrics['loss/window_start'][0], s_sum, rtol=1e-5)
+    assert float(metrics['loss/window_start'][1]) == float(s_weight) == float(np.sum(start))
+    full = metrics['loss'][1]
+    assert float(full) == float(np.sum(np.asarray(model.loss_weights(batch))))  # eval unweighted
 
 
 def test_conditioning_dropout_replaces_whole_streams_at_rate_p_and_never_the_targets():
