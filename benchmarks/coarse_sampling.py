@@ -10,6 +10,7 @@ prediction on the real one (instrument, tempo, drums, dynamics).
 
   .venv/bin/python benchmarks/coarse_sampling.py --pipeline runs/tiny/pipeline \
       --classifier runs/tiny/attribute_classifier [--num_clips 16] [--out runs/ablate/coarse_sampling.json]
+      [--only defaults guidance]                  # rows whose names contain these
 
 Needs the built corpus (`musiclm-jax build_data`) and a fitted attribute classifier. N = 16 is a
 quick look (the agreement moves in steps of 1/16): treat differences under ~0.1 as noise.
@@ -37,6 +38,7 @@ ROWS = (
     ('coarse temperature 0.5', {'temperatures': {'coarse': 0.5}}),
     ('coarse top-k 50', {'top_k': {'coarse': 50}}),
     ('no guidance (scale 1)', {'guidance_scale': 1.0}),
+    ('guidance 2', {'guidance_scale': 2.0}),
 )
 ATTRIBUTES = ('instrument', 'tempo', 'drums', 'dynamics')
 
@@ -50,6 +52,8 @@ def main(argv=None) -> int:
   parser.add_argument('--seconds', type=float, default=10.0)
   parser.add_argument('--batch_size', type=int, default=8)
   parser.add_argument('--out', default=None, help='write the rows as JSON here')
+  parser.add_argument('--only', nargs='*', default=None,
+                      help='run only the rows whose names contain one of these strings')
   args = parser.parse_args(argv)
 
   pipeline = Pipeline.load(args.pipeline)
@@ -66,6 +70,8 @@ def main(argv=None) -> int:
   print(f'{"setting":<26} {"mel distance":>12} ' + ' '.join(f'{a:>10}' for a in ATTRIBUTES)
         + f' {"s":>6}')
   for name, sampling in ROWS:
+    if args.only is not None and not any(k in name for k in args.only):
+      continue
     start = time.perf_counter()
     audio = pipeline_eval.generate_audio(
         pipeline, list(clips.captions), samples / rate, batch_size=args.batch_size,
