@@ -67,7 +67,7 @@ class StageModel(DecoderOnlyLM):
   segment) is multiplied by 1 + A exp(-f / `start_decay`). A window's first frames have no
   acoustic context, so they are the only tokens whose distribution the conditioning (MuLan) sets
   rather than the frames before them, and at generation the first frames of a clip fix the
-  timbre that later windows continue; unweighted, they are 1-3% of a window's loss. The
+  timbre that later windows continue; unweighted, their first 5 are 2-5% of a window's loss. The
   training 'loss' and 'accuracy' are then weighted means; evaluation stays unweighted.
 
   Evaluation metrics ({name: (sum, weight)}): 'loss', 'accuracy' over every predicted token;
