@@ -2,7 +2,7 @@
 
 MusicLM trains its stages on the MuLan tokens of the audio and samples from the MuLan tokens of
 the text: the text can steer the music only as far as the two land on the same tokens. For each
-MuLan conditioner folder given, on the first 10 s of every clip of a split (default validation):
+MuLan conditioner folder given, on every clip of a split (default validation; cropped or padded to 10 s):
 
   matched cos      mean cosine of a caption's text embedding and its own clip's audio embedding
   R@1, R@10        text -> audio retrieval among the split's clips (chance: 1/N, 10/N)
@@ -32,27 +32,18 @@ from musiclm_jax.common import tf_setup  # noqa: E402  pylint: disable=g-import-
 
 tf_setup.quiet_tensorflow()
 
-import seqio  # noqa: E402  pylint: disable=g-import-not-at-top
-
-import tasks.audio  # noqa: E402,F401  pylint: disable=g-import-not-at-top,unused-import
 from musiclm_jax.mulan import conditioning  # noqa: E402  pylint: disable=g-import-not-at-top
+from musiclm_jax.mulan import metrics as mulan_metrics  # noqa: E402  pylint: disable=g-import-not-at-top
 
 SAMPLES = 240_000  # 10 s at 24 kHz
 
 
 def load_clips(split: str) -> tuple[list[str], np.ndarray, np.ndarray]:
   """(captions, audio float32 [N, 10 s], first instrument [N]) of embedded_music/`split`."""
-  ds = seqio.get_mixture_or_task('embedded_music').get_dataset(
-      sequence_length={'audio': SAMPLES}, split=split, shuffle=False, num_epochs=1,
-      trim_output_features=False)
-  captions, audio, instruments = [], [], []
-  for ex in ds.as_numpy_iterator():
-    captions.append(ex['caption'].decode())
-    a = np.asarray(ex['audio'][:SAMPLES], np.float32)
-    audio.append(np.pad(a, (0, SAMPLES - len(a))))
-    names = [x.decode() for x in np.atleast_1d(ex.get('instruments', []))]
-    instruments.append(names[0] if names else '')
-  return captions, np.stack(audio), np.array(instruments)
+  clips = mulan_metrics.read_split('embedded_music', split, SAMPLES,
+                                   features=('caption', 'instruments'))
+  instruments = [list(x)[0] if len(x) else '' for x in clips['instruments']]
+  return list(clips['caption']), np.asarray(clips['audio'], np.float32), np.array(instruments)
 
 
 def unit(x: np.ndarray) -> np.ndarray:
