@@ -2,7 +2,7 @@
 
 MusicLM trains its stages on the MuLan tokens of the audio and samples from the MuLan tokens of
 the text: the text can steer the music only as far as the two land on the same tokens. For each
-MuLan conditioner folder given, on every clip of a split (default validation; cropped or padded to 10 s):
+MuLan conditioner folder given, on every clip of a split (default validation; 10 s each):
 
   matched cos      mean cosine of a caption's text embedding and its own clip's audio embedding
   R@1, R@10        text -> audio retrieval among the split's clips (chance: 1/N, 10/N)
