@@ -518,10 +518,21 @@ def semantic_stage_spec(sizes: Optional[TokenSizes] = None, name: str = 'semanti
 
 
 @gin.configurable
-def coarse_stage_spec(sizes: Optional[TokenSizes] = None, name: str = 'coarse') -> StageSpec:
-  """MuLan + semantic tokens -> SoundStream levels 1..coarse_levels (coarse acoustic tokens)."""
+def coarse_stage_spec(sizes: Optional[TokenSizes] = None, name: str = 'coarse',
+                      mulan: bool = True) -> StageSpec:
+  """MuLan + semantic tokens -> SoundStream levels 1..coarse_levels (coarse acoustic tokens).
+
+  Args:
+    sizes: the token sizes (default: `TokenSizes()`).
+    name: the stage's name.
+    mulan: condition on the MuLan tokens as the paper does; False: on the semantic tokens only
+      (an ablation: the caption then reaches the timbre only through the semantic tokens; on
+      the tiny recipe it learned no faster, README "How much a coarse run varies").
+  """
   sizes = _sizes(sizes)
-  return StageSpec(name, (mulan_stream(sizes), semantic_stream(sizes)), coarse_stream(sizes))
+  conditions = (mulan_stream(sizes), semantic_stream(sizes)) if mulan else (
+      semantic_stream(sizes),)
+  return StageSpec(name, conditions, coarse_stream(sizes))
 
 
 @gin.configurable

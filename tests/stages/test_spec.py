@@ -97,6 +97,19 @@ def test_flatten_is_frame_major_and_unflatten_inverts_it():
     coarse.flatten({'mulan': mulan, 'coarse': codes})
 
 
+def test_coarse_stage_without_mulan_conditions_on_the_semantic_tokens_only():
+  coarse = spec_lib.coarse_stage_spec(TINY, mulan=False)  # semantic 5 from 1, coarse 2x4
+  assert [s.name for s in coarse.conditions] == ['semantic'] and not coarse.droppable
+  assert coarse.offset('semantic') == 1 and coarse.level_offsets('coarse').tolist() == [6, 10]
+  semantic = np.array([[4, 0]])
+  codes = np.array([[[0, 1], [2, 3], [1, 0], [3, 2]]])
+  tokens, weights = coarse.flatten({'semantic': semantic, 'coarse': codes})
+  np.testing.assert_array_equal(tokens[0], [5, 1, 6, 11, 8, 13, 7, 10, 9, 12])
+  np.testing.assert_array_equal(weights[0], [0] * 2 + [1] * 8)
+  assert coarse.feature_lengths(2 * 960 / 24000) == {'inputs': 2, 'targets': 8}
+  np.testing.assert_array_equal(coarse.null_prompt(tokens), tokens)  # nothing to drop
+  np.testing.assert_array_equal(coarse.unflatten_predicted(tokens[:, 2:]), codes)
+
 def test_vocab_mask_allows_exactly_each_levels_ids():
   fine = spec_lib.fine_stage_spec(TINY)  # coarse 2x4 from 1, fine: level 2 of 3 (1 level) x 4
   coarse = spec_lib.coarse_stage_spec(TINY)
