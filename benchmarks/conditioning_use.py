@@ -37,7 +37,7 @@ from token_baselines import load, seqio  # noqa: E402  pylint: disable=g-import-
 
 from musiclm_jax.evaluation import pipeline_eval  # noqa: E402  pylint: disable=g-import-not-at-top
 from musiclm_jax.generate.pipeline import load_pipeline  # noqa: E402  pylint: disable=g-import-not-at-top
-from musiclm_jax.stages.spec import CODEC_FEATURE  # noqa: E402  pylint: disable=g-import-not-at-top
+from musiclm_jax.stages.spec import CODEC_FEATURE, MULAN_FEATURE  # noqa: E402  pylint: disable=g-import-not-at-top
 
 BUCKETS = ((0, 3), (3, 10), (10, 30), (30, 10_000))
 STAGE = 'coarse'
@@ -54,7 +54,9 @@ def bucket_losses(pipeline, tokens, weights, metrics_fn) -> dict[str, tuple[floa
     m = pipeline_eval.teacher_forced_metrics(pipeline, STAGE, tokens, w, batch_size=16,
                                              metrics_fn=metrics_fn)
     name = f'frames {lo}-{hi - 1}' if hi < 10_000 else f'frames {lo}+'
-    out[name] = (m['loss'], m['loss_unconditional'], m['loss/level_1'])
+    # A stage with no droppable stream (the tiny coarse stage without MuLan) has no
+    # unconditional half: its 'u' is its loss.
+    out[name] = (m['loss'], m.get('loss_unconditional', m['loss']), m['loss/level_1'])
   return out
 
 
@@ -78,9 +80,12 @@ def main() -> None:
   derangement = np.roll(np.arange(len(valid)), 7)
   metrics_fn = pipeline_eval.stage_metrics_fn(pipeline, STAGE)
   rows = {}
-  for name, sem, mul in (('real', semantic, mulan),
-                         ('shuffled MuLan', semantic, mulan[derangement]),
-                         ('shuffled semantic', semantic[derangement], mulan)):
+  settings = [('real', semantic, mulan), ('shuffled MuLan', semantic, mulan[derangement]),
+              ('shuffled semantic', semantic[derangement], mulan)]
+  if not any(st.feature == MULAN_FEATURE for st in s.spec.conditions):
+    print(f'{args.pipeline}: its coarse stage has no MuLan stream; no shuffled-MuLan row')
+    settings.pop(1)
+  for name, sem, mul in settings:
     tokens, weights = pipeline_eval.stage_sequences(pipeline, STAGE, audio, sem, codec, mul)
     rows[name] = bucket_losses(pipeline, tokens, weights, metrics_fn)
   print(f'{args.pipeline}: coarse stage, {len(valid)} validation clips, teacher-forced loss '
