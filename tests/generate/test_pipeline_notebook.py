@@ -29,3 +29,17 @@ def test_the_sampling_notebook_runs_end_to_end(tiny_pipeline, monkeypatch):
   assert any('image/png' in o.get('data', {}) for o in outputs)  # the spectrograms
   text = ''.join(o.get('text', '') for o in outputs if o.output_type == 'stream')
   assert f'pipeline {folder}' in text and 'melody conditioning: yes' in text
+
+
+def test_the_notebook_defaults_to_the_shipped_pipeline(monkeypatch):
+  """A fresh user (no MUSICLM_JAX_* variables) gets the pipeline shipped in the package."""
+  monkeypatch.delenv('MUSICLM_JAX_CHECKPOINT', raising=False)
+  monkeypatch.delenv('MUSICLM_JAX_SECONDS', raising=False)
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  cell = next(c for c in nb.cells if 'parameters' in c.metadata.get('tags', []))
+  namespace = {}
+  exec(compile(cell.source, 'parameters cell', 'exec'), namespace)  # our own notebook's cell
+  shipped = os.path.join(REPO, 'musiclm_jax', 'pretrained', 'tiny')
+  assert os.path.realpath(namespace['CHECKPOINT']) == os.path.realpath(shipped)
+  assert os.path.isfile(os.path.join(namespace['CHECKPOINT'], 'manifest.json'))
+  assert namespace['SECONDS'] == 10.0
