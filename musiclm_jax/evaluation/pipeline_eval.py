@@ -32,6 +32,11 @@ beside references that put each number on a scale:
                (melody/metrics.py) of the generated audio to the tune, beside the same caption
                without the tune (floor) and a real instrument rendering of the same melody
                (ceiling, when the split has one). Skipped, with the reason, otherwise.
+  instrument_prompts  prompts that name one instrument (evaluation/prompts.py: a plain and a
+               MusicCaps-style prompt for each of the split's `instrument_prompts` most common
+               lead instruments): how often the attribute classifier hears the instrument named,
+               beside the chance floor (another instrument of the set) and the classifier on
+               real clips of those instruments (ceiling).
 
 Diagnostics ("everything sounds like noise: which stage is broken?"), `diagnostics=True`:
   opus_6kbps                   the real clips through Opus at 6 kbps (the tiny codec's bitrate;
@@ -75,6 +80,7 @@ import numpy as np
 from musiclm_jax.audio import opus
 from musiclm_jax.melody import conditioning as melody_conditioning
 from musiclm_jax.evaluation import embedders as embedders_lib  # registers vggish/trill_embedder
+from musiclm_jax.evaluation import prompts as prompts_lib
 
 logger = logging.getLogger(__name__)
 
@@ -699,6 +705,14 @@ def training_curves(record: Mapping[str, Any], parts: Sequence[str] = CURVE_PART
 # The evaluation.
 
 
+def _instrument_labels(examples: Any, classes: Mapping[str, Sequence[str]]) -> np.ndarray:
+  """int [n] each clip's lead instrument among classes['instrument'] (-1: another or none)."""
+  if not classes['instrument']:
+    return np.full(len(next(iter(examples.values()), [])), -1, np.int64)
+  from musiclm_jax.evaluation import attributes  # pylint: disable=g-import-not-at-top
+  return attributes.labels_from_examples(examples, classes)['instrument']
+
+
 def _load_classifier(classifier_dir: Optional[str]) -> tuple[Any, Optional[str]]:
   """(AttributeClassifier, None) or (None, why the attribute scores are skipped)."""
   if classifier_dir is None:
@@ -726,6 +740,7 @@ def evaluate_pipeline(pipeline_dir: str = gin.REQUIRED,
                       seed: int = 0,
                       diagnostics: bool = True,
                       melody_clips: int = 4,
+                      instrument_prompts: int = 8,
                       fad_inf_min_clips: int = FAD_INF_MIN_CLIPS,
                       guidance_scale: Any = None,
                       temperatures: Any = None,
@@ -755,6 +770,9 @@ def evaluate_pipeline(pipeline_dir: str = gin.REQUIRED,
     seed: seeds generation, the halves of the FAD split, the caption derangement and noise.
     diagnostics: also score codec resynthesis, ground-truth substitution and teacher forcing.
     melody_clips: hummed / whistled clips of the split used for melody adherence.
+    instrument_prompts: prompt for this many of the split's most common lead instruments, two
+      prompts each, and score whether the classifier hears the instrument named
+      (evaluation/prompts.py; 0: skip).
     fad_inf_min_clips: report FAD-inf only with at least this many clips.
     guidance_scale, temperatures, top_k: sampling overrides (`Pipeline.generate_tokens`);
       default pipeline.json's.
@@ -951,6 +969,18 @@ def evaluate_pipeline(pipeline_dir: str = gin.REQUIRED,
                                      progress=progress)
   t = lap('melody', t)
 
+  if classifier is None:
+    metrics['instrument_prompts'] = {'skipped': classifier_skipped}
+  else:
+    instrument_classes = {'instrument': classifier.classes.get('instrument', [])}
+    metrics['instrument_prompts'] = prompts_lib.instrument_prompt_section(
+        lambda texts: generate_audio(pipeline, texts, seconds, desc='generate (instrument '
+                                     'prompts)', **gen),
+        classifier,
+        _instrument_labels(evaluated.examples, instrument_classes), real,
+        instruments=instrument_prompts)
+  t = lap('instrument_prompts', t)
+
   metrics['diagnostics'] = (diagnostics_out if diagnostics
                             else {'skipped': 'diagnostics=False'})
   # The report's order: the quality ladder first, then each score's section.
@@ -987,7 +1017,7 @@ def evaluate_pipeline(pipeline_dir: str = gin.REQUIRED,
       '(fine generated) -> ground-truth semantic (coarse + fine generated) -> generated (all '
       'stages); the step where the scores fall shows the stage that loses the quality.',
   ]
-  for section in ('kld', 'attributes', 'melody', 'diagnostics'):
+  for section in ('kld', 'attributes', 'melody', 'instrument_prompts', 'diagnostics'):
     if isinstance(metrics[section], Mapping) and 'skipped' in metrics[section]:
       notes.append(f'{section}: skipped ({metrics[section]["skipped"]}).')
   fad = metrics['fad']

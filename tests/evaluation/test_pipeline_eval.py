@@ -155,8 +155,9 @@ def test_evaluate_pipeline_writes_every_section(tiny_pipeline, tiny_corpus_dir, 
   assert (out / 'plots' / 'confusion_tempo.png').exists()
   assert (out / 'plots' / 'confusion_drums_real.png').exists()
   assert list((out / 'tensorboard').iterdir())
-  assert set(saved) == {'systems', 'fad', 'kld', 'mcc', 'attributes', 'melody', 'diagnostics',
-                        'setup'}
+  assert set(saved) == {'systems', 'fad', 'kld', 'mcc', 'attributes', 'melody',
+                        'instrument_prompts', 'diagnostics', 'setup'}
+  assert 'no instrument head' in saved['instrument_prompts']['skipped']
   assert saved['setup']['timings_seconds']['total'] > 0
   assert saved['setup']['clips'] == 4 and saved['setup']['seconds'] == 2.0
   # A derangement: no clip keeps its own caption.
