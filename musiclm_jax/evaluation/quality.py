@@ -16,6 +16,9 @@ per target, with the measured values and whether the target is met:
   melody      chroma melody adherence of hum-conditioned generation above the same caption
               without the hum (skipped with the eval's reason when the pipeline has no melody
               conditioning: then the target is not met)
+  instrument  prompts that name one instrument (the eval's 'instrument_prompts' section, when it
+              has one): the instrument named is the one the classifier hears in >= 70% of the
+              real clips' rate and at least FLOOR_MARGIN above the chance floor
 
 Exit status 0 whatever the verdicts (the table is the product); 2 for an unreadable folder.
 """
@@ -94,6 +97,20 @@ def quality_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
   else:
     rows.append({'target': 'melody adherence with the hum > without it',
                  'measured': f'skipped: {melody.get("skipped", "not in the eval")}',
+                 'threshold': '', 'met': False})
+  named = metrics.get('instrument_prompts')
+  if isinstance(named, dict) and 'named_accuracy' in named and 'real_accuracy' in named:
+    need = max(ATTRIBUTE_RATIO * named['real_accuracy'], named['chance_floor'] + FLOOR_MARGIN)
+    rows.append({
+        'target': f'prompts naming one instrument: that instrument heard >= '
+                  f'{ATTRIBUTE_RATIO:.0%} of real and >= floor + {FLOOR_MARGIN:.2f}',
+        'measured': f'named {named["named_accuracy"]:.3f} ({named["clips"]} clips, '
+                    f'{len(named["instruments"])} instruments); real {named["real_accuracy"]:.3f}'
+                    f'; chance floor {named["chance_floor"]:.3f}',
+        'threshold': f'>= {need:.3f}', 'met': named['named_accuracy'] >= need})
+  elif isinstance(named, dict):
+    rows.append({'target': 'prompts naming one instrument: that instrument heard',
+                 'measured': f'skipped: {named.get("skipped", "incomplete")}',
                  'threshold': '', 'met': False})
   return rows
 

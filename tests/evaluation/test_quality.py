@@ -53,3 +53,18 @@ def test_missing_sections_are_not_met_and_say_why(tmp_path, capsys):
   out = capsys.readouterr().out
   assert '4 of 4 targets met.' in out and out == (tmp_path / 'q.md').read_text() + '\n'
   assert quality.main([str(tmp_path / 'nowhere')]) == 2
+
+
+def test_instrument_prompts_row_when_the_eval_has_the_section():
+  metrics = copy.deepcopy(METRICS)
+  metrics['instrument_prompts'] = {'named_accuracy': 0.6, 'real_accuracy': 0.8,
+                                   'chance_floor': 0.05, 'clips': 16,
+                                   'instruments': ['flute'] * 8}
+  rows = quality.quality_rows(metrics)
+  assert len(rows) == 5 and rows[4]['met'] and rows[4]['threshold'] == '>= 0.560'
+  assert 'named 0.600 (16 clips, 8 instruments); real 0.800' in rows[4]['measured']
+  metrics['instrument_prompts']['chance_floor'] = 0.55  # needs 0.65 now
+  assert not quality.quality_rows(metrics)[4]['met']
+  metrics['instrument_prompts'] = {'skipped': 'no attribute classifier'}
+  row = quality.quality_rows(metrics)[4]
+  assert not row['met'] and 'skipped: no attribute classifier' in row['measured']
