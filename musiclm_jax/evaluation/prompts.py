@@ -28,14 +28,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from musiclm_jax.mulan.metrics import with_article
+
 PROMPT_STYLES = ('plain', 'musiccaps')
 _QUALITY = 'It is a calm, melodic piece of good recording quality.'
 # The voice "instruments" of the corpus, said the way captions say them.
 VOICES = {'humming': 'someone humming', 'whistling': 'someone whistling'}
-
-
-def _article(word: str) -> str:
-  return ('an ' if word[:1].lower() in 'aeiou' else 'a ') + word
 
 
 def instrument_prompt(instrument: str, style: str) -> str:
@@ -44,7 +42,8 @@ def instrument_prompt(instrument: str, style: str) -> str:
   if style == 'plain':
     return f'{voice} a melody' if voice else f'a solo {instrument} melody'
   if style == 'musiccaps':
-    played = f'{voice} a folk tune' if voice else f'a folk tune played on {_article(instrument)}'
+    played = (f'{voice} a folk tune' if voice
+              else f'a folk tune played on {with_article(instrument)}')
     return f'The recording features {played}. {_QUALITY}'
   raise ValueError(f'style={style!r}: one of {PROMPT_STYLES}')
 

@@ -172,7 +172,8 @@ def embedded_music_attributes(examples: Mapping[str, Sequence[Any]]) -> dict[str
           'drums': ['yes' if bool(d) else 'no' for d in examples['drums']]}
 
 
-def _article(word: str) -> str:
+def with_article(word: str) -> str:
+  """word with its indefinite article ('a flute', 'an oboe')."""
   return ('an ' if word[:1].lower() in 'aeiou' else 'a ') + word
 
 
@@ -180,7 +181,7 @@ def instrument_prompts(instrument: str) -> tuple[str, ...]:
   """The zero-shot prompts of one instrument class (or 'humming' / 'whistling')."""
   if instrument in VOICE_PROMPTS:
     return VOICE_PROMPTS[instrument]
-  return tuple(t.format(instrument, a=_article(instrument)) for t in INSTRUMENT_TEMPLATES)
+  return tuple(t.format(instrument, a=with_article(instrument)) for t in INSTRUMENT_TEMPLATES)
 
 
 def attribute_prompts(instruments: Sequence[str]) -> dict[str, dict[str, tuple[str, ...]]]:
