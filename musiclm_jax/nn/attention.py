@@ -374,6 +374,167 @@ def dot_product_attention(query: Array,
   return jnp.einsum('bhqk,bkhd->bqhd', weights, value.astype(dtype))
 
 
+def _block_rows(x: Array, start: int, stop: int, keys: int) -> Array:
+  """Rows [start, stop) and key columns [0, keys) of a [..., q, k] mask or bias.
+
+  A row axis of size 1 (a mask or bias that is the same for every query) is kept as is.
+  """
+  rows = slice(None) if x.shape[-2] == 1 else slice(start, stop)
+  return x[..., rows, :keys]
+
+
+def _sum_to(x: Array, shape: Tuple[int, ...]) -> Array:
+  """Sums `x` over the axes where `shape` has 1 (the transpose of a broadcast), keeping them."""
+  if x.ndim != len(shape):
+    raise ValueError(f'cannot reduce {x.shape} to {shape}')
+  if shape[0] == 1 and x.shape[0] != 1:
+    # A dot with ones, not a reduce: XLA:CPU runs a reduction over the outermost axis of a
+    # large block several times slower than this matrix-vector product.
+    x = lax.dot_general(jnp.ones((x.shape[0],), x.dtype), x,
+                        (((0,), (0,)), ((), ())))[None]
+  axes = tuple(i for i in range(1, x.ndim) if shape[i] == 1 and x.shape[i] != 1)
+  return jnp.sum(x, axis=axes, keepdims=True) if axes else x
+
+
+def _query_blocks(length: int, block_size: int) -> list:
+  return [(s, min(s + block_size, length)) for s in range(0, length, block_size)]
+
+
+def _causal_block_logits(qh: Array, kh: Array, mask: Optional[Array], bias: Optional[Array],
+                         start: int, stop: int) -> Array:
+  """Float32 logits of queries [start, stop) over keys [0, stop): biased, masked, causal."""
+  logits = jnp.einsum('bhqd,bhkd->bhqk', qh[:, :, start:stop], kh[:, :, :stop],
+                      preferred_element_type=jnp.float32)
+  if bias is not None:
+    logits = logits + _block_rows(bias, start, stop, stop).astype(jnp.float32)
+  # Causality inside the block (keys after the query); the mask's own entries elsewhere.
+  keep = (np.arange(stop)[None, :] <= np.arange(start, stop)[:, None])
+  if mask is not None:
+    keep = jnp.logical_and(keep, _block_rows(mask, start, stop, stop).astype(jnp.bool_))
+  return jnp.where(keep, logits, jnp.finfo(jnp.float32).min)
+
+
+def _heads_first(x: Array) -> Array:
+  return jnp.swapaxes(x, 1, 2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _causal_blockwise(query, key, value, mask, bias, block_size, dtype):
+  return _causal_blockwise_fwd(query, key, value, mask, bias, block_size, dtype)[0]
+
+
+def _causal_blockwise_fwd(query, key, value, mask, bias, block_size, dtype):
+  depth = query.shape[-1]
+  qh = _heads_first(query * (depth ** -0.5))
+  kh, vh = _heads_first(key), _heads_first(value)
+  outs, lses = [], []
+  for start, stop in _query_blocks(query.shape[1], block_size):
+    logits = _causal_block_logits(qh, kh, mask, bias, start, stop)
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    p = jnp.exp(logits - top)
+    total = jnp.sum(p, axis=-1, keepdims=True)
+    out = jnp.einsum('bhqk,bhkd->bhqd', p.astype(dtype), vh[:, :, :stop].astype(dtype),
+                     preferred_element_type=jnp.float32) / total
+    outs.append(out)
+    lses.append(top + jnp.log(total))
+  out = jnp.concatenate(outs, axis=2)  # float32 [b, h, q, d]
+  lse = jnp.concatenate(lses, axis=2)
+  result = _heads_first(out.astype(dtype))
+  return result, (qh, kh, vh, mask, bias, out, lse)
+
+
+def _causal_blockwise_bwd(block_size, dtype, residuals, grad):
+  qh, kh, vh, mask, bias, out, lse = residuals
+  depth = qh.shape[-1]
+  length = qh.shape[2]
+  d_out = _heads_first(grad).astype(jnp.float32)
+  delta = jnp.sum(d_out * out, axis=-1, keepdims=True)  # [b, h, q, 1]
+  dq_blocks, bias_rows = [], []
+  dk = jnp.zeros(kh.shape, jnp.float32)
+  dv = jnp.zeros(vh.shape, jnp.float32)
+  for start, stop in _query_blocks(length, block_size):
+    logits = _causal_block_logits(qh, kh, mask, bias, start, stop)
+    p = jnp.exp(logits - lse[:, :, start:stop])
+    d_o = d_out[:, :, start:stop]
+    dv = dv.at[:, :, :stop].add(jnp.einsum('bhqk,bhqd->bhkd', p.astype(dtype), d_o.astype(dtype),
+                                           preferred_element_type=jnp.float32))
+    dp = jnp.einsum('bhqd,bhkd->bhqk', d_o.astype(dtype), vh[:, :, :stop].astype(dtype),
+                    preferred_element_type=jnp.float32)
+    ds = p * (dp - delta[:, :, start:stop])
+    dq_blocks.append(jnp.einsum('bhqk,bhkd->bhqd', ds.astype(dtype), kh[:, :, :stop],
+                                preferred_element_type=jnp.float32))
+    dk = dk.at[:, :, :stop].add(jnp.einsum('bhqk,bhqd->bhkd', ds.astype(dtype),
+                                           qh[:, :, start:stop],
+                                           preferred_element_type=jnp.float32))
+    if bias is not None:
+      block_rows = ds.shape[2] if bias.shape[2] != 1 else 1
+      rows = _sum_to(ds, bias.shape[:2] + (block_rows, stop))
+      bias_rows.append(jnp.pad(rows, [(0, 0)] * 3 + [(0, bias.shape[-1] - stop)]))
+  dq = jnp.concatenate(dq_blocks, axis=2) * (depth ** -0.5)
+  d_bias = None
+  if bias is not None:
+    d_bias = (jnp.concatenate(bias_rows, axis=2) if bias.shape[-2] != 1 else
+              functools.reduce(jnp.add, bias_rows))
+    d_bias = d_bias.astype(bias.dtype)
+  d_query = _heads_first(dq).astype(qh.dtype)
+  return (d_query, _heads_first(dk).astype(kh.dtype), _heads_first(dv).astype(vh.dtype), None,
+          d_bias)
+
+
+_causal_blockwise.defvjp(_causal_blockwise_fwd, _causal_blockwise_bwd)
+
+
+def causal_blockwise_attention(query: Array,
+                               key: Array,
+                               value: Array,
+                               mask: Optional[Array] = None,
+                               bias: Optional[Array] = None,
+                               block_size: int = 128,
+                               dtype: Dtype = jnp.float32) -> Array:
+  """Causal `dot_product_attention` computed one block of queries at a time.
+
+  Queries [i * block_size, (i + 1) * block_size) attend to keys [0, (i + 1) * block_size)
+  only: the blocks above the diagonal, half of a [q, k] softmax, are never computed, and no
+  [batch, heads, length, length] tensor is ever materialised, in the forward pass or the
+  backward. The backward pass is written out (FlashAttention's: it recomputes each block's
+  probabilities from the saved log-sum-exp of its rows) and keeps nothing of size length^2.
+  On XLA:CPU this is several times faster than the dense form, whose time goes to writing and
+  re-reading [batch, heads, length, length] float32 tensors (benchmarks/README.md, "Stage
+  training step").
+
+  Equals `dot_product_attention` with `mask` AND a causal mask (a key after its query is never
+  attended, whatever `mask` says), up to float rounding, for every row with at least one key
+  left; a row with none is a uniform average over its causal prefix rather than over all keys
+  (such rows are padding, whose output nothing reads). No attention dropout.
+
+  Args:
+    query: [batch, length, heads, head_dim].
+    key: [batch, length, heads, head_dim] (self-attention: as many keys as queries).
+    value: [batch, length, heads, head_dim].
+    mask: optional boolean / 0-1 mask broadcastable to [batch, heads, length, length], its
+      last two axes (length, length) or (1, length).
+    bias: optional additive bias broadcastable to [batch, heads, length, length], its last two
+      axes (length, length) or (1, length); its gradient has its own shape.
+    block_size: queries per block (the last block may be shorter).
+    dtype: dtype of the value aggregation and of the result.
+
+  Returns:
+    [batch, length, heads, head_dim] attended values.
+  """
+  length = query.shape[1]
+  if key.shape[1] != length or value.shape[1] != length:
+    raise ValueError(f'causal_blockwise_attention is self-attention: {length} queries, '
+                     f'{key.shape[1]} keys, {value.shape[1]} values')
+  if block_size < 1:
+    raise ValueError(f'block_size must be positive, got {block_size}')
+  for name, x in (('mask', mask), ('bias', bias)):
+    if x is not None and (x.ndim != 4 or x.shape[-1] != length or
+                          x.shape[-2] not in (1, length)):
+      raise ValueError(f'{name} must be [batch or 1, heads or 1, {length} or 1, {length}], '
+                       f'got {x.shape}')
+  return _causal_blockwise(query, key, value, mask, bias, int(block_size), jnp.dtype(dtype))
+
+
 def cached_attention(query: Array,
                      key_cache: Array,
                      value_cache: Array,
@@ -425,6 +586,17 @@ def cached_attention(query: Array,
   return jnp.swapaxes(out, 1, 2)
 
 
+def blockwise_attention_fn(query, key, value, mask=None, bias=None, dropout_rng=None,
+                           dropout_rate=0.0, deterministic=True, dtype=jnp.float32,
+                           block_size=128):
+  """`causal_blockwise_attention` behind `dot_product_attention`'s signature (no dropout)."""
+  del dropout_rng
+  if dropout_rate > 0.0 and not deterministic:
+    raise ValueError('causal_blockwise_attention has no attention dropout')
+  return causal_blockwise_attention(query, key, value, mask=mask, bias=bias,
+                                    block_size=block_size, dtype=dtype)
+
+
 class MultiHeadAttention(nn.Module):
   """T5-style multi-head attention (no biases) with an optional KV cache.
 
@@ -435,6 +607,10 @@ class MultiHeadAttention(nn.Module):
     dtype: compute dtype.
     param_dtype: parameter dtype.
     init_scale: variance scale of the fan-in init of the projection kernels.
+    causal_block_size: when positive, the caller promises causal self-attention (its mask
+      excludes every key after its query) and full-sequence calls (not `decode`, no attention
+      dropout in use) run `causal_blockwise_attention` with blocks of this many queries
+      instead of one dense [q, k] softmax; 0 keeps the dense form.
   """
   num_heads: int
   head_dim: int
@@ -442,6 +618,7 @@ class MultiHeadAttention(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   init_scale: float = 1.0
+  causal_block_size: int = 0
 
   @nn.compact
   def __call__(self,
@@ -501,6 +678,10 @@ class MultiHeadAttention(nn.Module):
     if not deterministic and self.dropout_rate > 0.0:
       dropout_rng = self.make_rng('dropout')
     attention = dot_product_attention
+    dropout_on = not deterministic and self.dropout_rate > 0.0
+    if (self.causal_block_size > 0 and not decode and not dropout_on and
+        query.shape[1] == key.shape[1]):
+      attention = functools.partial(blockwise_attention_fn, block_size=self.causal_block_size)
     if decode:
       # Checked before the variables are declared: on the first (init) call
       # they do not exist yet and a full-length pass sizes the cache.

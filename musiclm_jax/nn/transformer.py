@@ -62,6 +62,11 @@ class TransformerConfig:
     remat_policy: 'none', 'full', 'dots_saveable',
       'dots_with_no_batch_dims_saveable' or 'nothing_saveable'.
     logits_via_embedding: tie the output projection to the token embedding.
+    attention_block_size: the causal Decoder's full-sequence attention (training, scoring,
+      prefill-free init) runs blockwise with this many queries per block
+      (`attention.causal_blockwise_attention`: no [length, length] tensor, the blocks above the
+      diagonal skipped); 0 runs one dense softmax. Ignored while attention dropout is active
+      and in KV-cache decoding. The result is the same up to float rounding.
     max_decode_length: informational only; the KV cache length is set by the
       token length used to initialise the cache.
   """
@@ -81,6 +86,7 @@ class TransformerConfig:
   remat_policy: str = 'none'
   logits_via_embedding: bool = False
   max_decode_length: Optional[int] = None
+  attention_block_size: int = 128
 
   def __post_init__(self):
     if self.activation not in ACTIVATIONS:
@@ -90,6 +96,9 @@ class TransformerConfig:
       raise ValueError(
           f"remat_policy must be 'none' or one of {tuple(REMAT_POLICIES)}, "
           f'got {self.remat_policy!r}')
+    if self.attention_block_size < 0:
+      raise ValueError('attention_block_size must be >= 0 (0: dense attention), got '
+                       f'{self.attention_block_size}')
 
 
 class LayerNorm(nn.Module):
@@ -204,9 +213,13 @@ class DecoderLayer(nn.Module):
   Attributes:
     config: the model configuration.
     scanned: return `(output, None)` as required by `nn.scan`.
+    causal: the mask given is causal (the Decoder's): full-sequence calls may then use the
+      blockwise attention of `config.attention_block_size`. An encoder layer with a
+      bidirectional mask leaves it False.
   """
   config: TransformerConfig
   scanned: bool = False
+  causal: bool = False
 
   @nn.compact
   def __call__(self, x: Array, mask: Optional[Array], bias: Optional[Array],
@@ -233,6 +246,7 @@ class DecoderLayer(nn.Module):
         dropout_rate=cfg.dropout_rate,
         dtype=cfg.dtype,
         param_dtype=cfg.param_dtype,
+        causal_block_size=cfg.attention_block_size if self.causal else 0,
         name='self_attention')(h, h, mask, bias, deterministic=deterministic,
                                decode=decode)
     h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
@@ -382,11 +396,11 @@ class Decoder(nn.Module):
           in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
           length=cfg.num_layers,
           metadata_params={nn.PARTITION_NAME: 'layers'})
-      x, _ = stack(cfg, scanned=True, name='layers')(x, mask, bias,
+      x, _ = stack(cfg, scanned=True, causal=True, name='layers')(x, mask, bias,
                                                      deterministic, decode)
     else:
       for i in range(cfg.num_layers):
-        x = layer_cls(cfg, name=f'layers_{i}')(x, mask, bias, deterministic,
+        x = layer_cls(cfg, causal=True, name=f'layers_{i}')(x, mask, bias, deterministic,
                                                decode)
 
     x = LayerNorm(dtype=cfg.dtype, param_dtype=cfg.param_dtype,

@@ -1,5 +1,6 @@
 """Tests for relative position buckets, masks and multi-head attention."""
 
+import functools
 import math
 
 import jax
@@ -245,3 +246,83 @@ def test_relative_bias_decode_rows_of_a_chunk_match_full_matrix():
   rows = module.apply(variables, 4, 12, decode_position=jnp.int32(3))
   assert rows.shape == (1, 3, 4, 12)
   np.testing.assert_array_equal(np.asarray(rows), np.asarray(full[:, :, 3:7]))
+
+
+def _blockwise_case(seed, batch=2, length=37, heads=3, depth=8):
+  rng = np.random.default_rng(seed)
+  q, k, v = (jnp.asarray(rng.standard_normal((batch, length, heads, depth)), jnp.float32)
+             for _ in range(3))
+  bias = jnp.asarray(rng.standard_normal((1, heads, length, length)), jnp.float32)
+  # Left padding in row 0 (its first 4 keys are padding) and two packed segments in row 1.
+  tokens = np.ones((batch, length), np.int32)
+  tokens[0, :4] = 0
+  segments = np.ones((batch, length), np.int32)
+  if batch > 1:
+    segments[1, length // 2:] = 2
+  segments[0] = np.where(tokens[0] == 0, 0, 1)
+  mask = attention.combine_masks(attention.make_causal_mask(jnp.asarray(tokens)),
+                                 attention.make_padding_mask(jnp.asarray(segments)),
+                                 attention.make_segment_mask(jnp.asarray(segments)))
+  # Rows with no key left (the padding queries of row 0) differ by design; weigh them 0.
+  weight = np.ones((batch, length, 1, 1), np.float32)
+  weight[0, :4] = 0.0
+  return q, k, v, mask, bias, jnp.asarray(weight)
+
+
+@pytest.mark.parametrize('block_size', [8, 37])
+def test_causal_blockwise_attention_matches_dense_values_and_gradients(block_size):
+  q, k, v, mask, bias, weight = _blockwise_case(0)
+  probe = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32) * weight
+
+  def loss(fn):
+    return lambda q, k, v, bias: jnp.sum(fn(q, k, v, mask=mask, bias=bias) * probe)
+
+  dense = attention.dot_product_attention
+  blockwise = functools.partial(attention.causal_blockwise_attention, block_size=block_size)
+  np.testing.assert_allclose(jax.jit(blockwise)(q, k, v, mask=mask, bias=bias) * weight,
+                             dense(q, k, v, mask=mask, bias=bias) * weight,
+                             rtol=1e-5, atol=1e-5)
+  want = jax.jit(jax.grad(loss(dense), argnums=(0, 1, 2, 3)))(q, k, v, bias)
+  got = jax.jit(jax.grad(loss(blockwise), argnums=(0, 1, 2, 3)))(q, k, v, bias)
+  for name, a, b in zip(('query', 'key', 'value', 'bias'), want, got):
+    assert b.shape == a.shape, name
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_causal_blockwise_attention_is_causal_whatever_the_mask_says():
+  q, k, v, _, bias, _ = _blockwise_case(2, batch=1, length=12)
+  causal = attention.make_causal_mask(12)
+  want = attention.dot_product_attention(q, k, v, mask=causal, bias=bias)
+  np.testing.assert_allclose(
+      attention.causal_blockwise_attention(q, k, v, bias=bias, block_size=5), want,
+      rtol=1e-5, atol=1e-6)
+
+
+def test_causal_blockwise_attention_key_only_mask_and_per_batch_bias_gradients():
+  q, k, v, _, _, _ = _blockwise_case(3, batch=2, length=20)
+  keys = attention.make_padding_mask(jnp.asarray([[1] * 20, [0] * 3 + [1] * 17]))[:, :, :1]
+  bias = jnp.asarray(np.random.default_rng(4).standard_normal((2, 1, 1, 20)), jnp.float32)
+  full_mask = jnp.logical_and(keys, attention.make_causal_mask(20))
+  weight = np.ones((2, 20, 1, 1), np.float32)
+  weight[1, :3] = 0.0
+
+  def loss(fn, **kw):
+    return lambda q, bias: jnp.sum(jnp.sin(fn(q, k, v, bias=bias, **kw)) * weight)
+
+  want = jax.jit(jax.grad(loss(attention.dot_product_attention, mask=full_mask),
+                         argnums=(0, 1)))(q, bias)
+  got = jax.jit(jax.grad(loss(attention.causal_blockwise_attention, mask=keys, block_size=6),
+                         argnums=(0, 1)))(q, bias)
+  for a, b in zip(want, got):
+    assert b.shape == a.shape
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_causal_blockwise_attention_rejects_cross_attention_and_bad_shapes():
+  q, k, v, _, _, _ = _blockwise_case(5, length=10)
+  with pytest.raises(ValueError, match='self-attention'):
+    attention.causal_blockwise_attention(q, k[:, :5], v[:, :5])
+  with pytest.raises(ValueError, match='bias must be'):
+    attention.causal_blockwise_attention(q, k, v, bias=jnp.zeros((1, 3, 10, 9)))
+  with pytest.raises(ValueError, match='block_size'):
+    attention.causal_blockwise_attention(q, k, v, block_size=0)

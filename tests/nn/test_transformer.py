@@ -318,6 +318,34 @@ def test_remat_gives_equal_logits_and_grads(scan_layers, policy):
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.parametrize('scan_layers,policy', [(False, 'none'),
+                                                (True, 'dots_with_no_batch_dims_saveable')])
+def test_blockwise_attention_gives_the_dense_logits_and_grads(scan_layers, policy):
+  dense_cfg = dataclasses.replace(BASE, scan_layers=scan_layers, remat_policy=policy,
+                                  attention_block_size=0)
+  block_cfg = dataclasses.replace(dense_cfg, attention_block_size=5)  # blocks 5, 5, 2
+  tokens = _tokens()
+  segment_ids = jnp.asarray([[1] * 7 + [2] * 5, [0] * 3 + [1] * 9])  # packed; left padding
+  weights = (segment_ids != 0)[..., None]
+  variables = _init(dense_cfg, tokens)
+
+  def loss_fn(cfg):
+    model = transformer.Decoder(cfg)
+
+    def loss(params):
+      logits = model.apply({'params': params}, tokens, segment_ids=segment_ids)
+      return jnp.sum(jax.nn.log_softmax(logits)[..., 1:4] * weights), logits * weights
+
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))
+
+  (_, dense_logits), dense_grads = loss_fn(dense_cfg)(variables['params'])
+  (_, block_logits), block_grads = loss_fn(block_cfg)(variables['params'])
+  np.testing.assert_allclose(block_logits, dense_logits, atol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(nn.unbox(dense_grads)),
+                  jax.tree_util.tree_leaves(nn.unbox(block_grads))):
+    np.testing.assert_allclose(b, a, atol=1e-5)
+
+
 def test_dropout_needs_rng_and_changes_output():
   cfg = dataclasses.replace(BASE, dropout_rate=0.5, num_layers=1)
   model = transformer.Decoder(cfg)
@@ -338,6 +366,8 @@ def test_config_validation():
     dataclasses.replace(BASE, activation='tanh')
   with pytest.raises(ValueError):
     dataclasses.replace(BASE, remat_policy='sometimes')
+  with pytest.raises(ValueError, match='attention_block_size'):
+    dataclasses.replace(BASE, attention_block_size=-1)
   assert hash(BASE) == hash(dataclasses.replace(BASE))
 
 
