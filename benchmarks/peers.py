@@ -14,6 +14,12 @@ Lines (each ratio is ours / peer, both measured in this run, at the same shapes)
           cross-entropy, gradient clipping and `torch.optim.AdamW`, eager
           (benchmarks/peers/audiolm_train.py). Both: median of --repeats steps after 2 warm-up
           steps.
+  minimal the same step of ours against a minimal eager PyTorch decoder of our anchor's shape
+          (benchmarks/peers/torch_decoder_train.py: pre-LayerNorm layers, bias-free
+          projections, GELU MLP of 4 x width, `scaled_dot_product_attention`), twice: with a
+          T5 relative position bias through `attn_mask` (like for like) and with
+          `is_causal=True` and no position information (PyTorch's fused causal kernel: the
+          fastest such a decoder gets).
   sample  KV-cache sampling at batch 1, top-k 50 at temperature 1, --sample-length tokens after
           a 16-token prompt, tokens/s. Ours: `sampling.measure` (`generate.decode`) on the same
           decoder as above. Peer: `SemanticTransformerWrapper.generate(use_kv_cache=True)`
@@ -55,7 +61,7 @@ import stage_training  # noqa: E402  pylint: disable=g-import-not-at-top
 DEFAULT_PEERS_PYTHON = os.path.join(
     os.environ.get('PEERS_VENV', os.path.expanduser('~/.cache/musiclm_jax/peers-venv')),
     'bin', 'python')
-LINES = ('train', 'sample', 'codec')
+LINES = ('train', 'minimal', 'sample', 'codec')
 
 
 def stage_config(args):
@@ -91,6 +97,15 @@ def peer_train(args) -> dict:
   row = run_peer(args, 'audiolm_train.py', '--dim', args.dim, '--depth', args.depth,
                  '--heads', args.heads, '--vocab', args.vocab, '--batch', args.batch,
                  '--length', args.length, '--repeats', args.repeats)
+  return {'value': row['tokens_per_s'], 'params': row['params'], 'versions': row['versions']}
+
+
+def peer_minimal(args, relative_bias: bool) -> dict:
+  flags = ['--relative-bias'] if relative_bias else []
+  row = run_peer(args, 'torch_decoder_train.py', '--dim', args.dim, '--depth', args.depth,
+                 '--heads', args.heads, '--mlp', 4 * args.dim, '--vocab', args.vocab,
+                 '--batch', args.batch, '--length', args.length, '--repeats', args.repeats,
+                 *flags)
   return {'value': row['tokens_per_s'], 'params': row['params'], 'versions': row['versions']}
 
 
@@ -194,6 +209,17 @@ def main():
                  ours['value'], peer['value'], 'audiolm-pytorch SemanticTransformer'))
     notes.append(f'train: ours {ours["params"] / 1e6:.2f}M parameters, '
                  f'audiolm-pytorch {peer["params"] / 1e6:.2f}M')
+  if 'minimal' in args.only:
+    for relative_bias, name in ((True, 'minimal PyTorch decoder, T5 relative bias'),
+                                (False, 'minimal PyTorch decoder, is_causal, no position bias')):
+      print(f'minimal (relative bias: {relative_bias}) ...', file=sys.stderr, flush=True)
+      ours, peer = alternate(args, ours_train,
+                             lambda a, rb=relative_bias: peer_minimal(a, rb))
+      versions.update(peer['versions'])
+      rows.append(('stage training step, tokens/s', f'{args.batch} x {args.length}, AdamW',
+                   ours['value'], peer['value'], name))
+      notes.append(f'minimal: ours {ours["params"] / 1e6:.2f}M parameters, {name} '
+                   f'{peer["params"] / 1e6:.2f}M')
   if 'sample' in args.only:
     print('sample ...', file=sys.stderr, flush=True)
     ours, peer = alternate(args, ours_sample, peer_sample)
