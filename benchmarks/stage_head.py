@@ -1,6 +1,7 @@
 """The stage LMs' training loss with the level head against the masked whole-vocabulary head.
 
   nice -n 19 .venv/bin/python benchmarks/stage_head.py [--stages semantic coarse fine] [--steps 5]
+      [--attention_block_size 128]   # 0: the dense attention, for a before / after
 
 Each row times the jitted loss and gradient of `StageModel.compute_losses` (no optimizer) at the
 tiny recipe's shapes (models/stages/tiny.gin: d128, 3 layers, 4 heads, MLP 512, no dropout;
@@ -18,6 +19,7 @@ Both give the same loss (printed); the table shows milliseconds per loss + gradi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -81,15 +83,19 @@ def main() -> None:
   parser.add_argument('--stages', nargs='+', default=list(CROPS), choices=list(CROPS))
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--steps', type=int, default=5)
+  parser.add_argument('--attention_block_size', type=int, default=CONFIG.attention_block_size,
+                      help='TransformerConfig.attention_block_size (0: dense attention)')
   args = parser.parse_args()
-  print(f'jax {jax.__version__}, {jax.device_count()} x {jax.devices()[0].platform}\n')
+  config = dataclasses.replace(CONFIG, attention_block_size=args.attention_block_size)
+  print(f'jax {jax.__version__}, {jax.device_count()} x {jax.devices()[0].platform}; '
+        f'attention_block_size {args.attention_block_size}\n')
   print('| stage | batch x length | vocabulary / level codes | head | loss | ms per loss + grad '
         '| predicted tokens/s | speed-up |')
   print('|---|---|---|---|---:|---:|---:|---:|')
   for name in args.stages:
     spec = spec_lib.STAGE_SPECS[name](SIZES)
     batch, predicted = random_batch(spec, CROPS[name], args.batch)
-    model = StageModel(spec, CONFIG, z_loss=Z_LOSS)
+    model = StageModel(spec, config, z_loss=Z_LOSS)
     params = {'model': model.module.init(jax.random.PRNGKey(0),
                                          batch['decoder_input_tokens'][:1])['params']}
 

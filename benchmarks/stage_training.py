@@ -22,8 +22,8 @@ no remat recompute) and MFU = model FLOP/s / `--peak_tflops` (given on the comma
 989 for an H100/H200 SXM's dense bf16; on a CPU, the matmul peak measured by `--measure_peak`).
 XLA's cost analysis of the compiled step is printed beside it as a check; it counts a scanned
 layer stack's body once, so it is far below the model FLOPs for `--scan` configs. `--remat`,
-`--scan` and `--dtype` override the config's. Prints one Markdown table; `--json` writes the
-row.
+`--scan`, `--dtype` and `--attention_block_size` (0: the dense attention) override the
+config's. Prints one Markdown table; `--json` writes the row.
 """
 import argparse
 import dataclasses
@@ -126,7 +126,8 @@ def run(config_name: str, batch: int, length: int, steps: int, peak: float,
   analytic = analytic_flops(config, batch, length)
   row = {
       'config': config_name, 'remat': config.remat_policy, 'scan': config.scan_layers,
-      'dtype': jnp.dtype(config.dtype).name, 'device': f'{jax.device_count()} x {jax.devices()[0].device_kind}',
+      'dtype': jnp.dtype(config.dtype).name, 'attention_block_size': config.attention_block_size,
+      'device': f'{jax.device_count()} x {jax.devices()[0].device_kind}',
       'params_m': n_params / 1e6, 'batch': batch, 'length': length, 'step_ms': step_s * 1e3,
       'tokens_per_s': batch * length / step_s, 'compile_s': compile_s,
       'xla_tflop_per_step': flops / 1e12, 'analytic_tflop_per_step': analytic / 1e12,
@@ -154,6 +155,8 @@ def main():
                       help='scan over layers override')
   parser.add_argument('--dtype', default=None, choices=['float32', 'bfloat16'],
                       help='compute dtype override')
+  parser.add_argument('--attention_block_size', type=int, default=None,
+                      help='TransformerConfig.attention_block_size override (0: dense attention)')
   parser.add_argument('--json', default='')
   args = parser.parse_args()
   peak = args.peak_tflops * 1e12
@@ -164,7 +167,8 @@ def main():
     peak = peak or measured
   row = run(args.config, args.batch, args.length, args.steps, peak, remat_policy=args.remat,
             scan_layers=None if args.scan is None else args.scan == 'true',
-            dtype=None if args.dtype is None else jnp.dtype(args.dtype))
+            dtype=None if args.dtype is None else jnp.dtype(args.dtype),
+            attention_block_size=args.attention_block_size)
   if measured:
     row['measured_matmul_tflops'] = measured / 1e12
   print('| config | remat / scan / dtype | device | params | batch x length | step | tokens/s | '
