@@ -495,9 +495,11 @@ def causal_blockwise_attention(query: Array,
 
   Queries [i * block_size, (i + 1) * block_size) attend to keys [0, (i + 1) * block_size)
   only: the blocks above the diagonal, half of a [q, k] softmax, are never computed, and no
-  [batch, heads, length, length] tensor is ever materialised, in the forward pass or the
-  backward. The backward pass is written out (FlashAttention's: it recomputes each block's
-  probabilities from the saved log-sum-exp of its rows) and keeps nothing of size length^2.
+  [batch, heads, length, length] tensor is materialised, in the forward pass or the backward
+  (the largest is one block's [batch, heads, block_size, length]; only the bias's gradient has
+  the bias's own shape). The backward pass is written out (FlashAttention's: it recomputes each
+  block's probabilities from the saved log-sum-exp of its rows) and saves nothing of size
+  length^2.
   On XLA:CPU this is several times faster than the dense form, whose time goes to writing and
   re-reading [batch, heads, length, length] float32 tensors (benchmarks/README.md, "Stage
   training step").
@@ -586,7 +588,7 @@ def cached_attention(query: Array,
   return jnp.swapaxes(out, 1, 2)
 
 
-def blockwise_attention_fn(query, key, value, mask=None, bias=None, dropout_rng=None,
+def _blockwise_as_dense(query, key, value, mask=None, bias=None, dropout_rng=None,
                            dropout_rate=0.0, deterministic=True, dtype=jnp.float32,
                            block_size=128):
   """`causal_blockwise_attention` behind `dot_product_attention`'s signature (no dropout)."""
@@ -681,7 +683,7 @@ class MultiHeadAttention(nn.Module):
     dropout_on = not deterministic and self.dropout_rate > 0.0
     if (self.causal_block_size > 0 and not decode and not dropout_on and
         query.shape[1] == key.shape[1]):
-      attention = functools.partial(blockwise_attention_fn, block_size=self.causal_block_size)
+      attention = functools.partial(_blockwise_as_dense, block_size=self.causal_block_size)
     if decode:
       # Checked before the variables are declared: on the first (init) call
       # they do not exist yet and a full-length pass sizes the cache.

@@ -62,8 +62,8 @@ class TransformerConfig:
     remat_policy: 'none', 'full', 'dots_saveable',
       'dots_with_no_batch_dims_saveable' or 'nothing_saveable'.
     logits_via_embedding: tie the output projection to the token embedding.
-    attention_block_size: the causal Decoder's full-sequence attention (training, scoring,
-      prefill-free init) runs blockwise with this many queries per block
+    attention_block_size: the causal Decoder's full-sequence attention (training,
+      teacher-forced scoring, `init`) runs blockwise with this many queries per block
       (`attention.causal_blockwise_attention`: no [length, length] tensor, the blocks above the
       diagonal skipped); 0 runs one dense softmax. Ignored while attention dropout is active
       and in KV-cache decoding. The result is the same up to float rounding.
