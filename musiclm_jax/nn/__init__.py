@@ -1,5 +1,6 @@
 """Shared neural-network layers: attention, decoder-only Transformer, RVQ."""
 
+from musiclm_jax.nn.attention import causal_blockwise_attention
 from musiclm_jax.nn.attention import combine_masks
 from musiclm_jax.nn.attention import DenseGeneral
 from musiclm_jax.nn.attention import dot_product_attention
@@ -26,6 +27,7 @@ from musiclm_jax.nn.transformer import REMAT_POLICIES
 from musiclm_jax.nn.transformer import TransformerConfig
 
 __all__ = [
+    'causal_blockwise_attention',
     'combine_masks',
     'count_params',
     'Decoder',
