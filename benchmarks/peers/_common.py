@@ -67,3 +67,26 @@ def versions(*names: str) -> dict:
 def emit(row: dict):
   """The one JSON line the driver (benchmarks/peers.py) reads: the last line of stdout."""
   print(json.dumps(row), flush=True)
+
+
+def time_train_step(torch, model, loss_fn, warmup: int, repeats: int
+                    ) -> tuple[float, list[float], float]:
+  """(median seconds, all timed seconds, last loss) of a training step of `model`.
+
+  The step: `loss_fn()` (forward and loss), backward, gradient-norm clipping at 1.0 and
+  `torch.optim.AdamW` (lr 1e-4, weight decay 0.01), as our trainer's step.
+  """
+  model.train()
+  optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+  losses = []
+
+  def step():
+    loss = loss_fn()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    losses.append(float(loss.detach()))
+
+  seconds, times = time_median(step, warmup, repeats)
+  return seconds, times, losses[-1]

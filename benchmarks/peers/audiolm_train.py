@@ -39,26 +39,19 @@ def main():
   torch.manual_seed(0)
   model = audiolm_pytorch.SemanticTransformer(
       dim=args.dim, depth=args.depth, heads=args.heads, num_semantic_tokens=args.vocab)
-  model.train()
-  optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
   ids = torch.randint(0, args.vocab, (args.batch, args.length))
-  losses = []
 
-  def step():
+  def loss_fn():
     logits = model(ids=ids[:, :-1])  # [batch, length, vocab + 1]: start token + length - 1
-    loss = F.cross_entropy(logits.transpose(1, 2), ids)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    losses.append(float(loss.detach()))
+    return F.cross_entropy(logits.transpose(1, 2), ids)
 
-  seconds, times = _common.time_median(step, args.warmup, args.repeats)
+  seconds, times, loss = _common.time_train_step(torch, model, loss_fn, args.warmup,
+                                                 args.repeats)
   _common.emit({
       'peer': 'audiolm-pytorch', 'what': 'SemanticTransformer train step (AdamW)',
       'params': sum(p.numel() for p in model.parameters()),
       'batch': args.batch, 'length': args.length, 'step_s': seconds, 'times_s': times,
-      'tokens_per_s': args.batch * args.length / seconds, 'loss': losses[-1],
+      'tokens_per_s': args.batch * args.length / seconds, 'loss': loss,
       'threads': torch.get_num_threads(),
       'versions': _common.versions('torch', 'audiolm-pytorch')})
 

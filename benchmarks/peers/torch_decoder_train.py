@@ -108,28 +108,20 @@ def main():
   F = torch.nn.functional
   torch.manual_seed(0)
   model = build(torch, args)
-  model.train()
-  optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
   targets = torch.randint(1, args.vocab, (args.batch, args.length))
   inputs = torch.nn.functional.pad(targets[:, :-1], (1, 0))
-  losses = []
 
-  def step():
-    logits = model(inputs)
-    loss = F.cross_entropy(logits.reshape(-1, args.vocab), targets.reshape(-1))
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    losses.append(float(loss.detach()))
+  def loss_fn():
+    return F.cross_entropy(model(inputs).reshape(-1, args.vocab), targets.reshape(-1))
 
-  seconds, times = _common.time_median(step, args.warmup, args.repeats)
+  seconds, times, loss = _common.time_train_step(torch, model, loss_fn, args.warmup,
+                                                 args.repeats)
   _common.emit({
       'peer': 'minimal PyTorch decoder' + (' + T5 relative bias' if args.relative_bias else ''),
       'what': 'decoder train step (AdamW)',
       'params': sum(p.numel() for p in model.parameters()),
       'batch': args.batch, 'length': args.length, 'step_s': seconds, 'times_s': times,
-      'tokens_per_s': args.batch * args.length / seconds, 'loss': losses[-1],
+      'tokens_per_s': args.batch * args.length / seconds, 'loss': loss,
       'threads': torch.get_num_threads(), 'versions': _common.versions('torch')})
 
 
